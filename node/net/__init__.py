@@ -1,0 +1,1 @@
+"""Networking: the libp2p host, node identity, and the trio/asyncio bridge."""

@@ -1,0 +1,528 @@
+"""Signed envelopes: how rollout groups travel between nodes, and when a receiver accepts one.
+
+An origin signs one `EnvelopeHeader` that lists the content ids (sha256 of the deterministic
+serialization) of the groups it covers. Any node may relay any subset of those groups under
+the same header, signature and public key; the receiver checks every group against the signed
+list, so a relay can drop groups but never add or alter one.
+
+`verify_envelope` treats every inbound byte as hostile. It checks, in this order, and stops at
+the first failure with a short machine-friendly reason (`Rejected.reason`, one of `REASONS`)
+that a node can count per peer:
+
+    size cap → protobuf parse → header parse → public key (ed25519 only) → origin is the
+    key's peer id → expected sender → signature → each group listed in the header →
+    per-group schema (origin, task spec regenerable, completion count, text and token caps,
+    finite floats) → created_at inside [now - max_age, now + max_future] → replay.
+
+`SeenEnvelopes` is a bounded LRU that turns an exact replay (same header, same groups) into
+the reason "replay". `EnvelopeIndex` keeps, beside the RolloutStore (its own two tables in the
+store's SQLite file), the header, signature and public key under which each stored group
+arrived, so this node can serve the group again verifiably (`envelopes_for`).
+
+This module never touches the network or torch, and never trusts a sender's rewards: it only
+decides whether bytes are a well-formed, authentic envelope.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from rollshare.net import identity
+from rollshare.net.identity import KeyPair
+from rollshare.proto import rollout_pb2 as pb
+from rollshare.proto import wire_pb2 as wire
+from rollshare.store import RolloutStore, content_id
+from rollshare.tasks import TaskError, TaskSpec, regenerate
+
+#: Domain separation: an envelope signature can never be mistaken for any other signed thing.
+SIGNING_DOMAIN = b"rollshare/envelope/v1\n"
+CID_BYTES = 32
+_ED25519_SIGNATURE_BYTES = 64
+#: libp2p protobuf encoding of an ed25519 public key: key_type=1 (field 1), 32-byte data (field 2)
+_ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
+
+# Rejection reasons, in the order verify_envelope checks them.
+OVERSIZED = "oversized"
+MALFORMED = "malformed"
+MALFORMED_HEADER = "malformed_header"
+BAD_PUBLIC_KEY = "bad_public_key"
+ORIGIN_MISMATCH = "origin_mismatch"
+SENDER_MISMATCH = "sender_mismatch"
+BAD_SIGNATURE = "bad_signature"
+UNLISTED_GROUP = "unlisted_group"
+DUPLICATE_GROUP = "duplicate_group"
+GROUP_ORIGIN_MISMATCH = "group_origin_mismatch"
+FIELD_TOO_LONG = "field_too_long"
+BAD_TASK_SPEC = "bad_task_spec"
+NO_COMPLETIONS = "no_completions"
+TOO_MANY_COMPLETIONS = "too_many_completions"
+TEXT_TOO_LONG = "text_too_long"
+TOO_MANY_TOKENS = "too_many_tokens"
+NON_FINITE = "non_finite"
+STALE = "stale"
+FUTURE = "future"
+REPLAY = "replay"
+#: raised by a fetching client, not by verify_envelope: a peer sent a group we did not ask for
+UNREQUESTED = "unrequested"
+REASONS = (OVERSIZED, MALFORMED, MALFORMED_HEADER, BAD_PUBLIC_KEY, ORIGIN_MISMATCH, SENDER_MISMATCH,
+           BAD_SIGNATURE, UNLISTED_GROUP, DUPLICATE_GROUP, GROUP_ORIGIN_MISMATCH, FIELD_TOO_LONG,
+           BAD_TASK_SPEC, NO_COMPLETIONS, TOO_MANY_COMPLETIONS, TEXT_TOO_LONG, TOO_MANY_TOKENS,
+           NON_FINITE, STALE, FUTURE, REPLAY, UNREQUESTED)
+
+
+class Rejected(Exception):
+    """An inbound envelope that this node refuses. `reason` is one of REASONS; `detail` is for logs."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class EnvelopeLimits:
+    """What an inbound envelope may contain. Every bound is named here, none hidden in code."""
+
+    max_envelope_bytes: int = 4 * 1024 * 1024  # whole serialized SignedEnvelope
+    max_groups: int = 256              # group ids listed in one header
+    max_field_chars: int = 256         # origin and policy_id strings
+    max_params_json_chars: int = 1024  # TaskSpec.params_json
+    #: bound on every number inside params_json: regenerating a spec with max_terms=10**7 would
+    #: stall the node (tasks.py has no per-parameter bounds yet)
+    max_task_param_abs: int = 10_000
+    max_completions: int = 64          # completions per group (at least 1)
+    max_text_chars: int = 8192         # per completion
+    max_tokens: int = 8192             # Completion.num_tokens
+    max_age_s: float = 3600.0          # created_at older than now - max_age: stale
+    max_future_s: float = 120.0        # created_at newer than now + max_future: clock skew or lie
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if not value > 0:
+                raise ValueError(f"EnvelopeLimits.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class VerifiedEnvelope:
+    """An envelope that passed every check. `groups` holds (content id, group) pairs."""
+
+    envelope_id: bytes                       # sha256 of the signed header bytes
+    header: wire.EnvelopeHeader
+    groups: tuple[tuple[bytes, pb.RolloutGroup], ...]
+    envelope: wire.SignedEnvelope            # as received: relay it (or a subset) unchanged
+
+    @property
+    def origin(self) -> str:
+        return self.header.origin
+
+    @property
+    def cids(self) -> list[bytes]:
+        return [cid for cid, _ in self.groups]
+
+    @property
+    def replay_key(self) -> bytes:
+        """Names this exact delivery: the header plus the set of groups it carries."""
+        return _replay_key(self.envelope_id, self.cids)
+
+
+def envelope_id(envelope: wire.SignedEnvelope) -> bytes:
+    """sha256 of the signed header bytes: the envelope's name (also in Announcement.envelope_id)."""
+    return hashlib.sha256(envelope.header).digest()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_ed25519_public_key(data: bytes) -> bool:
+    """Envelopes are signed with ed25519 only, in the canonical libp2p encoding (36 bytes).
+
+    Checked on the raw bytes before anything parses them: no RSA keys of attacker-chosen size.
+    """
+    return len(data) == len(_ED25519_KEY_PREFIX) + 32 and data.startswith(_ED25519_KEY_PREFIX)
+
+
+# --------------------------------------------------------------------------------- signing
+
+def make_envelope(keypair: KeyPair, groups: Sequence[pb.RolloutGroup], policy_id: str, round: int,
+                  seq: int, created_at_ms: int | None = None) -> wire.SignedEnvelope:
+    """Sign a header listing the groups' content ids, and wrap it with the groups and our public key."""
+    public_key = keypair.public_key.serialize()
+    if not _is_ed25519_public_key(public_key):
+        raise ValueError("envelopes are signed with ed25519 keys; load the node identity with "
+                         "rollshare.net.identity.load_or_create_identity")
+    if not groups:
+        raise ValueError("an envelope covers at least one group")
+    origin = identity.peer_id_of(keypair)
+    cids = []
+    for g in groups:
+        if g.origin != origin:
+            raise ValueError(f"group origin {g.origin!r} is not the signer {origin}; set "
+                             "RolloutGroup.origin to the node's peer id before signing")
+        cids.append(content_id(g))
+    if len(set(cids)) != len(cids):
+        raise ValueError("the same group appears twice in one envelope")
+    header = wire.EnvelopeHeader(
+        origin=origin, policy_id=policy_id, round=round,
+        created_at_ms=_now_ms() if created_at_ms is None else created_at_ms,
+        group_ids=cids, seq=seq,
+    ).SerializeToString(deterministic=True)
+    return wire.SignedEnvelope(
+        header=header,
+        signature=identity.sign(keypair, SIGNING_DOMAIN + header),
+        public_key=public_key,
+        groups=groups,
+    )
+
+
+# ------------------------------------------------------------------------------ verification
+
+def verify_envelope(envelope: bytes | wire.SignedEnvelope, limits: EnvelopeLimits = EnvelopeLimits(),
+                    expected_sender: str | None = None, *, now_ms: int | None = None,
+                    seen: "SeenEnvelopes | None" = None) -> VerifiedEnvelope:
+    """Accept an inbound envelope or raise Rejected (see the module doc for the order of checks).
+
+    expected_sender: the peer id the envelope must come from (e.g. the signed sender of a gossip
+    message), or None when any origin may be relayed to us (fetch, reconciliation).
+    seen: if given, an exact replay of an envelope accepted before is rejected ("replay");
+    only envelopes that pass every other check are remembered.
+    """
+    now = _now_ms() if now_ms is None else now_ms
+
+    # 1. size, before any parsing
+    if isinstance(envelope, (bytes, bytearray, memoryview)):
+        size = len(envelope)
+    elif isinstance(envelope, wire.SignedEnvelope):
+        size = envelope.ByteSize()
+    else:
+        raise TypeError(f"verify_envelope takes bytes or a SignedEnvelope, not {type(envelope).__name__}")
+    if size > limits.max_envelope_bytes:
+        raise Rejected(OVERSIZED, f"{size} bytes > {limits.max_envelope_bytes}")
+
+    # 2. protobuf parse
+    if isinstance(envelope, wire.SignedEnvelope):
+        env = envelope
+    else:
+        try:
+            env = wire.SignedEnvelope.FromString(bytes(envelope))
+        except Exception as e:  # DecodeError, or anything else the parser throws at garbage
+            raise Rejected(MALFORMED, f"not a SignedEnvelope: {type(e).__name__}") from None
+
+    # 3. header parse and shape
+    try:
+        header = wire.EnvelopeHeader.FromString(env.header)
+    except Exception as e:
+        raise Rejected(MALFORMED_HEADER, f"not an EnvelopeHeader: {type(e).__name__}") from None
+    _check_header(header, limits)
+
+    # 4. public key
+    if not _is_ed25519_public_key(env.public_key):
+        raise Rejected(BAD_PUBLIC_KEY, f"not a libp2p ed25519 public key ({len(env.public_key)} bytes)")
+    try:
+        derived = identity.peer_id_from_public_key(env.public_key)
+    except ValueError as e:
+        raise Rejected(BAD_PUBLIC_KEY, str(e)) from None
+
+    # 5. origin is the peer id of that key; and it is who we expected
+    if header.origin != derived:
+        raise Rejected(ORIGIN_MISMATCH, f"header says {header.origin[:64]!r}, key is {derived}")
+    if expected_sender is not None and header.origin != expected_sender:
+        raise Rejected(SENDER_MISMATCH, f"envelope from {header.origin}, expected {expected_sender}")
+
+    # 6. signature over domain || header bytes
+    if (len(env.signature) != _ED25519_SIGNATURE_BYTES
+            or not identity.verify_signature(env.public_key, SIGNING_DOMAIN + env.header, env.signature)):
+        raise Rejected(BAD_SIGNATURE, f"signature does not match the header of {header.origin}")
+
+    # 7. every group is one the origin signed, each at most once
+    listed = set(header.group_ids)
+    groups: list[tuple[bytes, pb.RolloutGroup]] = []
+    seen_here: set[bytes] = set()
+    for g in env.groups:
+        cid = content_id(g)
+        if cid not in listed:
+            raise Rejected(UNLISTED_GROUP, f"group {cid.hex()[:16]} is not in the signed header")
+        if cid in seen_here:
+            raise Rejected(DUPLICATE_GROUP, f"group {cid.hex()[:16]} appears twice")
+        seen_here.add(cid)
+        groups.append((cid, g))
+
+    # 8. per-group schema
+    for cid, g in groups:
+        _check_group(cid, g, header.origin, limits)
+
+    # 9. time window (header and each group)
+    for what, created in [("envelope", header.created_at_ms)] + [
+            (f"group {cid.hex()[:16]}", g.created_at_ms) for cid, g in groups]:
+        if created < now - int(limits.max_age_s * 1000):
+            raise Rejected(STALE, f"{what} created {(now - created) / 1000:.0f} s ago (max {limits.max_age_s:.0f} s)")
+        if created > now + int(limits.max_future_s * 1000):
+            raise Rejected(FUTURE, f"{what} dated {(created - now) / 1000:.0f} s in the future "
+                                   f"(max {limits.max_future_s:.0f} s)")
+
+    verified = VerifiedEnvelope(envelope_id=hashlib.sha256(env.header).digest(), header=header,
+                                groups=tuple(groups), envelope=env)
+    # 10. exact replay
+    if seen is not None and not seen.add(verified):
+        raise Rejected(REPLAY, f"envelope {verified.envelope_id.hex()[:16]} with these groups was seen before")
+    return verified
+
+
+def _check_header(h: wire.EnvelopeHeader, limits: EnvelopeLimits) -> None:
+    if not h.origin or len(h.origin) > limits.max_field_chars:
+        raise Rejected(MALFORMED_HEADER, f"origin has {len(h.origin)} characters")
+    if len(h.policy_id) > limits.max_field_chars:
+        raise Rejected(MALFORMED_HEADER, f"policy_id has {len(h.policy_id)} characters")
+    n = len(h.group_ids)
+    if not 1 <= n <= limits.max_groups:
+        raise Rejected(MALFORMED_HEADER, f"header lists {n} groups (allowed 1..{limits.max_groups})")
+    if any(len(cid) != CID_BYTES for cid in h.group_ids):
+        raise Rejected(MALFORMED_HEADER, f"a group id is not {CID_BYTES} bytes")
+    if len(set(h.group_ids)) != n:
+        raise Rejected(MALFORMED_HEADER, "header lists a group id twice")
+
+
+def _check_group(cid: bytes, g: pb.RolloutGroup, origin: str, limits: EnvelopeLimits) -> None:
+    name = cid.hex()[:16]
+    if g.origin != origin:
+        raise Rejected(GROUP_ORIGIN_MISMATCH, f"group {name} claims origin {g.origin[:64]!r}, signer is {origin}")
+    if len(g.policy_id) > limits.max_field_chars:
+        raise Rejected(FIELD_TOO_LONG, f"group {name} policy_id has {len(g.policy_id)} characters")
+    _check_task_spec(name, g.task, limits)
+    n = len(g.completions)
+    if n == 0:
+        raise Rejected(NO_COMPLETIONS, f"group {name} has no completions")
+    if n > limits.max_completions:
+        raise Rejected(TOO_MANY_COMPLETIONS, f"group {name} has {n} completions (max {limits.max_completions})")
+    for c in g.completions:
+        if len(c.text) > limits.max_text_chars:
+            raise Rejected(TEXT_TOO_LONG, f"group {name} has a completion of {len(c.text)} characters "
+                                          f"(max {limits.max_text_chars})")
+        if c.num_tokens > limits.max_tokens:
+            raise Rejected(TOO_MANY_TOKENS, f"group {name} claims {c.num_tokens} tokens (max {limits.max_tokens})")
+        if not (math.isfinite(c.reward) and math.isfinite(c.logprob_sum)):
+            raise Rejected(NON_FINITE, f"group {name} has a non-finite reward or log-prob")
+
+
+def _check_task_spec(name: str, t: pb.TaskSpec, limits: EnvelopeLimits) -> None:
+    if len(t.family) > limits.max_field_chars or len(t.style) > limits.max_field_chars:
+        raise Rejected(BAD_TASK_SPEC, f"group {name} task family/style too long")
+    if len(t.params_json) > limits.max_params_json_chars:
+        raise Rejected(BAD_TASK_SPEC, f"group {name} task params are {len(t.params_json)} characters "
+                                      f"(max {limits.max_params_json_chars})")
+    try:
+        spec = TaskSpec.from_json(t.family, t.params_json, t.seed, t.index, t.style)
+        if not _numbers_within(dict(spec.params), limits.max_task_param_abs):
+            raise TaskError(f"a task parameter is not a finite number within ±{limits.max_task_param_abs}")
+        regenerate(spec)
+    except TaskError as e:
+        raise Rejected(BAD_TASK_SPEC, f"group {name}: {e}") from None
+    except Exception as e:  # hostile params can trip anything below (hashing, generators)
+        raise Rejected(BAD_TASK_SPEC, f"group {name}: {type(e).__name__}") from None
+
+
+def _numbers_within(value: Any, bound: int) -> bool:
+    """True if every number inside a JSON-like value is finite and within ±bound (bools pass)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value) and abs(value) <= bound
+    if isinstance(value, int):
+        return abs(value) <= bound
+    if isinstance(value, dict):
+        return all(_numbers_within(v, bound) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_numbers_within(v, bound) for v in value)
+    return False
+
+
+# ------------------------------------------------------------------------------------ replay
+
+def _replay_key(env_id: bytes, cids: Iterable[bytes]) -> bytes:
+    h = hashlib.sha256(env_id)
+    for cid in sorted(cids):
+        h.update(cid)
+    return h.digest()
+
+
+class SeenEnvelopes:
+    """A bounded LRU of accepted deliveries, to reject exact replays.
+
+    The key is the envelope id (sha256 of the header) together with the set of groups carried:
+    a relay of a *different* subset of the same envelope is new information, not a replay.
+    """
+
+    def __init__(self, capacity: int = 100_000):
+        if capacity < 1:
+            raise ValueError(f"SeenEnvelopes capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, verified: VerifiedEnvelope) -> bool:
+        return verified.replay_key in self._keys
+
+    def add(self, verified: VerifiedEnvelope) -> bool:
+        """Remember a delivery. Returns False if it was already remembered (a replay)."""
+        key = verified.replay_key
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+        return True
+
+
+# ------------------------------------------------------------------------------ store index
+
+class EnvelopeIndex:
+    """Remembers under which signed envelope each stored group arrived, so we can relay it.
+
+    Two tables in the RolloutStore's SQLite file (the store's own tables are only read):
+    envelopes(envelope_id, header, signature, public_key, origin, created_at_ms) and
+    group_envelope(cid, envelope_id). The first envelope recorded for a group wins.
+    Call `prune()` after `RolloutStore.prune()` to forget envelopes of groups that are gone.
+    """
+
+    def __init__(self, store: RolloutStore):
+        self.store = store
+        self.path = store.path
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._conn().executescript(
+            """
+            CREATE TABLE IF NOT EXISTS envelopes (
+                envelope_id BLOB PRIMARY KEY,
+                header BLOB NOT NULL,
+                signature BLOB NOT NULL,
+                public_key BLOB NOT NULL,
+                origin TEXT NOT NULL,
+                created_at_ms INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS group_envelope (
+                cid BLOB PRIMARY KEY,
+                envelope_id BLOB NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS group_envelope_env ON group_envelope(envelope_id);
+            """
+        )
+
+    def _conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = c
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    def record(self, envelope: VerifiedEnvelope | wire.SignedEnvelope) -> None:
+        """Remember the envelope of every group it carries.
+
+        Pass a SignedEnvelope only for one this node made itself (make_envelope); anything
+        received must go through verify_envelope first.
+        """
+        if isinstance(envelope, VerifiedEnvelope):
+            env, header, cids = envelope.envelope, envelope.header, envelope.cids
+        else:
+            env, header = envelope, wire.EnvelopeHeader.FromString(envelope.header)
+            cids = [content_id(g) for g in envelope.groups]
+        eid = hashlib.sha256(env.header).digest()
+        with self._write_lock:
+            c = self._conn()
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?,?)",
+                          (eid, env.header, env.signature, env.public_key, header.origin, header.created_at_ms))
+                c.executemany("INSERT OR IGNORE INTO group_envelope VALUES (?,?)", [(cid, eid) for cid in cids])
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def put_verified(self, verified: VerifiedEnvelope) -> list[tuple[bytes, bool]]:
+        """Record the envelope, then store its groups. Returns the store's (cid, is_new) pairs."""
+        self.record(verified)
+        return self.store.put_many([g for _, g in verified.groups], origin=verified.origin)
+
+    def has(self, cid: bytes) -> bool:
+        return self._conn().execute("SELECT 1 FROM group_envelope WHERE cid=?", (cid,)).fetchone() is not None
+
+    def envelopes_for(self, cids: Iterable[bytes], max_bytes: int = EnvelopeLimits.max_envelope_bytes
+                      ) -> list[wire.SignedEnvelope]:
+        """Rebuild signed envelopes carrying the requested groups that we store and can relay.
+
+        Groups are gathered under their original envelope; an envelope whose groups would pass
+        max_bytes is split into several (same header and signature, disjoint subsets), each of
+        which a receiver verifies on its own. Unknown ids are skipped.
+        """
+        c = self._conn()
+        by_env: dict[bytes, list[bytes]] = {}
+        for cid in dict.fromkeys(cids):
+            row = c.execute("SELECT envelope_id FROM group_envelope WHERE cid=?", (cid,)).fetchone()
+            if row is not None:
+                by_env.setdefault(row[0], []).append(cid)
+        out: list[wire.SignedEnvelope] = []
+        for eid, env_cids in by_env.items():
+            row = c.execute("SELECT header, signature, public_key FROM envelopes WHERE envelope_id=?",
+                            (eid,)).fetchone()
+            if row is None:
+                continue
+            header, signature, public_key = row
+            base = len(header) + len(signature) + len(public_key) + 16
+            batch: list[pb.RolloutGroup] = []
+            size = base
+            for sg in self.store.get(env_cids):
+                g_size = sg.group.ByteSize() + 6  # field tag and length prefix
+                if batch and size + g_size > max_bytes:
+                    out.append(wire.SignedEnvelope(header=header, signature=signature, public_key=public_key,
+                                                   groups=batch))
+                    batch, size = [], base
+                batch.append(sg.group)
+                size += g_size
+            if batch:
+                out.append(wire.SignedEnvelope(header=header, signature=signature, public_key=public_key,
+                                               groups=batch))
+        return out
+
+    def entries_since(self, since_ms: int) -> list[tuple[bytes, int]]:
+        """(cid, created_at_ms) of stored groups we can relay, created at or after since_ms.
+
+        What this node offers in reconciliation: exactly what Fetch can serve.
+        """
+        return self._conn().execute(
+            "SELECT g.cid, g.created_at_ms FROM groups g JOIN group_envelope e ON e.cid = g.cid "
+            "WHERE g.created_at_ms >= ?", (since_ms,)).fetchall()
+
+    def prune(self) -> int:
+        """Forget envelopes of groups the store no longer holds. Returns group links removed."""
+        with self._write_lock:
+            c = self._conn()
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                n = c.execute("DELETE FROM group_envelope WHERE cid NOT IN (SELECT cid FROM groups)").rowcount
+                c.execute("DELETE FROM envelopes WHERE envelope_id NOT IN "
+                          "(SELECT DISTINCT envelope_id FROM group_envelope)")
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return n
+
