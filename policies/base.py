@@ -246,14 +246,16 @@ class Policy:
             self.model.tie_weights()
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, name: str | None = None, **kw) -> "Policy":
+    def from_pretrained(cls, path: str | os.PathLike, name: str | None = None,
+                        attn_implementation: str | None = None, **kw) -> "Policy":
         path = Path(path)
         if not (path / "config.json").is_file():
             raise PolicyError(f"{path} is not a transformers model directory (no config.json); "
                               "pass --model with a directory written by save_pretrained")
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **extra)
         except Exception as e:
             raise PolicyError(f"cannot load model from {path}: {type(e).__name__}: {e}") from None
         return cls(model, tok, name or path.name, **kw)

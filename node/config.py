@@ -1,0 +1,107 @@
+"""NodeConfig: the one typed configuration object, validated once at start-up.
+
+Every knob of a node lives here with its default. The CLI builds it from flags (and
+ROLLSHARE_* environment variables, for containers); nothing deeper reads the environment.
+`validate()` turns every bad value into a `ConfigError` whose message says what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value a person must fix; the message says how."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "rollshare"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    # policy
+    model: str = "tiny"  # an embedded size (tiny-s, tiny, tiny-m), "smollm2", or a model directory
+    warmup_steps: int = 300
+    lr: float = 2e-4
+    # tasks and rounds
+    tasks: str = "chain_sum"  # family mix "name[:weight],..."
+    prompt_style: str = "compact"
+    rounds: int = 0  # 0 = run until stopped
+    prompts_per_round: int = 16  # I: own groups per round
+    shared_groups: int = 0  # J: shared groups per round (needs the swarm)
+    group_size: int = 8  # G: completions per question
+    max_new_tokens: int = 5
+    temperature: float = 1.0
+    reward_fn: str = ""  # "module:function" with TRL's signature, replaces the verifier
+    # GRPO
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0
+    max_grad_norm: float = 1.0
+    # persistence
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    # misc
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = all cores
+    json_log: str = ""
+    status: str = "auto"  # "auto" (live line on a terminal), "line" (a line per N rounds), "off"
+
+    def with_(self, **kw) -> "NodeConfig":
+        return replace(self, **kw)
+
+    def validate(self) -> "NodeConfig":
+        from rollshare.tasks import TaskError, parse_mix
+        from rollshare.policies.tiny import SIZES
+
+        def positive(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+        for n in ("prompts_per_round", "max_new_tokens", "checkpoint_every", "keep_checkpoints"):
+            positive(n)
+        for n in ("rounds", "warmup_steps", "threads", "beta", "seed", "shared_groups"):
+            positive(n, allow_zero=True)
+        if self.group_size < 2:
+            raise ConfigError(f"--group-size must be >= 2 (advantages are relative within a group), got {self.group_size}")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"--lr must be in (0, 1), got {self.lr}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ConfigError("--eps-low must be in [0, 1) and --eps-high >= 0")
+        if self.prompt_style not in ("compact", "full"):
+            raise ConfigError(f"--prompt-style must be 'compact' or 'full', got {self.prompt_style!r}")
+        if self.status not in ("auto", "line", "off"):
+            raise ConfigError(f"--status must be auto, line or off, got {self.status!r}")
+        try:
+            parse_mix(self.tasks)
+        except TaskError as e:
+            raise ConfigError(f"--tasks: {e}") from None
+        if self.model not in SIZES and self.model != "smollm2":
+            p = Path(self.model).expanduser()
+            if not p.is_dir():
+                raise ConfigError(f"--model {self.model!r} is neither an embedded size ({', '.join(SIZES)}), "
+                                  "'smollm2', nor an existing model directory")
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"--model {p} has no config.json; point it at a directory written by save_pretrained")
+        if self.reward_fn and ":" not in self.reward_fn:
+            raise ConfigError(f"--reward-fn must look like 'package.module:function', got {self.reward_fn!r}")
+        d = Path(self.data_dir).expanduser()
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"--data-dir {d} exists and is not a directory")
+        if self.json_log:
+            parent = Path(self.json_log).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ConfigError(f"--json-log: directory {parent} does not exist")
+        return self
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(NodeConfig)]
