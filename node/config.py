@@ -7,9 +7,15 @@ ROLLSHARE_* environment variables, for containers); nothing deeper reads the env
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([1-9][0-9]{0,4})$")
+_MULTIADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]+$")
 
 
 class ConfigError(ValueError):
@@ -19,6 +25,10 @@ class ConfigError(ValueError):
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "rollshare"
+
+
+DEFAULT_P2P_PORT = 4101
+DEFAULT_GRPC_PORT = 4102
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,23 @@ class NodeConfig:
     threads: int = 0  # torch threads; 0 = all cores
     json_log: str = ""
     status: str = "auto"  # "auto" (live line on a terminal), "line" (a line per N rounds), "off"
+    # swarm (a node is a swarm member unless network is False)
+    network: bool = True
+    listen_host: str = "0.0.0.0"
+    p2p_port: int = DEFAULT_P2P_PORT  # 0 = any free port
+    grpc_port: int = DEFAULT_GRPC_PORT  # 0 = any free port
+    advertise_host: str = ""  # host in the gRPC endpoint peers fetch from ("" = this machine's address)
+    bootstrap: tuple[str, ...] = ()  # multiaddrs /ip4/H/tcp/P/p2p/ID or host:port gRPC addresses
+    identity: str = ""  # ed25519 key file ("" = <data_dir>/identity.key)
+    mdns: bool = False
+    reconcile_interval_s: float = 2.0
 
     def with_(self, **kw) -> "NodeConfig":
         return replace(self, **kw)
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.identity).expanduser() if self.identity else Path(self.data_dir).expanduser() / "identity.key"
 
     def validate(self) -> "NodeConfig":
         from rollshare.tasks import TaskError, parse_mix
@@ -100,7 +124,32 @@ class NodeConfig:
             parent = Path(self.json_log).expanduser().resolve().parent
             if not parent.is_dir():
                 raise ConfigError(f"--json-log: directory {parent} does not exist")
+        self._validate_network()
         return self
+
+    def _validate_network(self) -> None:
+        for name in ("p2p_port", "grpc_port"):
+            v = getattr(self, name)
+            if not 0 <= v <= 65535:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a port in 0..65535 (0 = any free port), got {v}")
+        if self.p2p_port and self.p2p_port == self.grpc_port:
+            raise ConfigError(f"--p2p-port and --grpc-port are both {self.p2p_port}; give them different ports")
+        try:
+            ipaddress.ip_address(self.listen_host)
+        except ValueError:
+            raise ConfigError(f"--listen-host must be an IP address of this machine (0.0.0.0 = all), "
+                              f"got {self.listen_host!r}") from None
+        if self.advertise_host and not _HOST.match(self.advertise_host):
+            raise ConfigError(f"--advertise-host must be a host name or IP address, got {self.advertise_host!r}")
+        for addr in self.bootstrap:
+            m = _HOST_PORT.match(addr)
+            if not (_MULTIADDR.match(addr) or m and int(m.group(3)) <= 65535):
+                raise ConfigError(f"--bootstrap {addr!r} is neither a multiaddr like /ip4/1.2.3.4/tcp/4101/p2p/12D3KooW... "
+                                  f"nor a gRPC address like host:{DEFAULT_GRPC_PORT}")
+        if not self.reconcile_interval_s > 0:
+            raise ConfigError(f"--reconcile-interval must be > 0 seconds, got {self.reconcile_interval_s}")
+        if self.shared_groups and not self.network:
+            raise ConfigError("--shared-groups needs the swarm; drop --no-network or use --shared-groups 0")
 
 
 def config_fields() -> list[str]:

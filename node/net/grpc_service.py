@@ -143,6 +143,10 @@ async def start_server(host: str, port: int, index: EnvelopeIndex, info: InfoFn 
     else:
         why = "the port is in use or the address is not local"
     if not bound:
+        # grpc.aio keeps its process-wide poller thread while any server object is alive; this
+        # frame stays reachable from the traceback, so drop the server before raising
+        await server.stop(None)
+        del server
         raise OSError(f"cannot listen for gRPC on {address}: {why}; free the port or choose another "
                       "(port 0 picks a free one)")
     await server.start()

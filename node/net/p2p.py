@@ -28,6 +28,7 @@ import collections
 import functools
 import inspect
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -144,6 +145,21 @@ def _local_ipv4_addresses() -> list[str]:
     return ["127.0.0.1"] + [ip for ip in found if ip != "127.0.0.1"]
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    """True if nobody listens on host:port (port 0 always is). Unlike py-libp2p's own
+    listener, the probe sets no SO_REUSEPORT, so it fails on a port another node holds;
+    SO_REUSEADDR lets it ignore connections of a previous run still in TIME_WAIT."""
+    if port == 0:
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class _SizedPeerQueues(dict[ID, RpcQueue]):
     """`Pubsub.peer_queues` that resizes each per-peer RpcQueue when it is registered.
 
@@ -216,6 +232,7 @@ class P2PHost:
         self.rejected: collections.Counter[tuple[str, str]] = collections.Counter()
         """Rejected messages by (topic, reason)."""
 
+        self._listen_host, self._listen_port = listen_host, listen_port
         ip = "ip6" if ":" in listen_host else "ip4"
         self._listen = multiaddr.Multiaddr(f"/{ip}/{listen_host}/tcp/{listen_port}")
         self._enable_mdns = enable_mdns
@@ -261,15 +278,19 @@ class P2PHost:
         self._started = True
         listening = False
         try:
-            async with self._host.run(listen_addrs=[self._listen]):
-                # py-libp2p logs a failed listen (port taken, foreign address) and carries
-                # on without listening; we stop instead (and raise below, outside libp2p's
-                # nurseries, so the error is not wrapped in exception groups).
-                listening = bool(self._host.get_transport_addrs())
-                if listening:
-                    await self._serve(task_status)
+            # py-libp2p listens with SO_REUSEPORT, so a second node on a taken port would
+            # share it silently (the kernel splits incoming connections between the two)
+            if _port_is_free(self._listen_host, self._listen_port):
+                async with self._host.run(listen_addrs=[self._listen]):
+                    # py-libp2p logs a failed listen (port taken, foreign address) and carries
+                    # on without listening; we stop instead (and raise below, outside libp2p's
+                    # nurseries, so the error is not wrapped in exception groups).
+                    listening = bool(self._host.get_transport_addrs())
+                    if listening:
+                        await self._serve(task_status)
         finally:
             self._nursery = None
+            self._stop_seen_cache()
             self._finished.set()
         if not listening:
             raise P2PError(
@@ -294,11 +315,17 @@ class P2PHost:
         """Stop the host (connections, services, handler tasks) and wait until it stopped."""
         self._closing.set()
         if not self._started:
+            self._stop_seen_cache()
             return
         with trio.move_on_after(timeout) as cs:
             await self._finished.wait()
         if cs.cancelled_caught:
             log.warning("p2p host %s did not stop within %g s", self.peer_id, timeout)
+
+    def _stop_seen_cache(self) -> None:
+        # Pubsub's seen-message cache starts a sweeper thread in its constructor that nothing
+        # in py-libp2p ever stops: without this, every host leaks a thread for the process's life.
+        self._pubsub.seen_messages.stop()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[P2PHost]:
