@@ -279,6 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 BENCHES = {
     "learn": "rollshare.bench.learn",
     "train": "rollshare.bench.train",
+    "gossip": "rollshare.bench.gossip",
 }
 
 
