@@ -6,11 +6,17 @@ sampling distribution softmax(logits / T); re-scores given completions under the
 weights (same distribution, so the two agree to ~1e-6); takes one optimiser step on a loss;
 and saves/loads as a plain transformers checkpoint.
 
+The G completions of a prompt share it, so both generation and re-scoring run each distinct
+prompt through the model once and hand its keys/values (KV cache) to the G rows
+(`share_prompt_prefill`, on by default; off gives the plain one-row-per-sequence path, which
+agrees to float noise, ~1e-7).
+
 It must never know about tasks, rewards, the network or the round loop.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +24,16 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+#: generate() settings under which a prompt's cache can be prepared outside generate: anything
+#: that brings its own cache or inputs, or turns one row into several (beams, extra return
+#: sequences, assistant drafts), takes the plain path.
+_OWN_CACHE_OR_ROWS_KWARGS = frozenset({
+    "cache", "past_key_values", "inputs_embeds", "cache_implementation", "custom_generate",
+    "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "dola_layers", "use_mtp",
+    "constraints", "force_words_ids", "penalty_alpha",
+})
 
 
 class PolicyError(RuntimeError):
@@ -38,6 +53,19 @@ class Sample:
     @property
     def logprob_sum(self) -> float:
         return float(sum(self.logprobs))
+
+
+def _distinct_rows(rows: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """For each row the index of its distinct value, and the first row holding each distinct value."""
+    index: dict[tuple[int, ...], int] = {}
+    owner, firsts = [], []
+    for i, row in enumerate(rows):
+        key = tuple(row)
+        if key not in index:
+            index[key] = len(firsts)
+            firsts.append(i)
+        owner.append(index[key])
+    return owner, firsts
 
 
 class Policy:
@@ -64,9 +92,17 @@ class Policy:
         if tokenizer.eos_token_id is None:
             raise PolicyError(f"tokenizer of {name} has no eos token; completions could never end")
         self.lr = lr
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            # one fused kernel for the whole update instead of a chain of foreach ops
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # transformers 5 calls the KV cache argument `cache`, earlier versions `past_key_values`
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        # the prompt prefill needs no logits beyond the last position (where the model allows)
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
 
     # ------------------------------------------------------------------ facts
     @property
@@ -85,7 +121,12 @@ class Policy:
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i != self.eos_id and i != self.pad_id], skip_special_tokens=True)
+        return self.decode_many([ids])[0]
+
+    def decode_many(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """`decode` of many rows in one tokenizer call."""
+        drop = {self.eos_id, self.pad_id}
+        return self.tokenizer.batch_decode([[i for i in ids if i not in drop] for ids in rows], skip_special_tokens=True)
 
     # ------------------------------------------------------------- generation
     @torch.no_grad()
@@ -97,8 +138,14 @@ class Policy:
         temperature: float = 1.0,
         greedy: bool = False,
         generate_kwargs: dict | None = None,
+        share_prompt_prefill: bool = True,
     ) -> list[list[Sample]]:
-        """G completions per prompt, batched. Returns one list of G samples per prompt."""
+        """G completions per prompt, batched. Returns one list of G samples per prompt.
+
+        With `share_prompt_prefill` (and G > 1, and decoding that keeps one row per sequence),
+        each distinct prompt is run through the model once and its cache repeated G times;
+        `generate` then only processes the last prompt token and the new ones.
+        """
         if not prompts:
             return []
         if temperature <= 0 and not greedy:
@@ -121,22 +168,38 @@ class Policy:
             # log-probs below are the ones the samples were really drawn from.
             gen_kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         gen_kwargs.update(generate_kwargs or {})
+        if share_prompt_prefill and group_size > 1 and input_ids.shape[1] > 1 and self._one_row_per_sequence(gen_kwargs):
+            # rows are G copies of each prompt: cache all but its last token once, repeat it G times
+            cache = self._prompt_cache(input_ids[::group_size, :-1], attn[::group_size, :-1])
+            cache.batch_repeat_interleave(group_size)
+            gen_kwargs[self._cache_arg] = cache
         out = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
         new = out.sequences[:, input_ids.shape[1]:]
         logits = torch.stack(out.logits, dim=1).float()
         logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
         tok_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         lengths = self._completion_lengths(new)
-        new_l, logp_l = new.tolist(), tok_logp.tolist()
+        new_l = [row[:n] for row, n in zip(new.tolist(), lengths)]
+        logp_l = [row[:n] for row, n in zip(tok_logp.tolist(), lengths)]
+        texts = self.decode_many(new_l)
         groups: list[list[Sample]] = []
         for p, prompt in enumerate(prompts):
-            group = []
-            for g in range(group_size):
-                r = p * group_size + g
-                ids = new_l[r][: lengths[r]]
-                group.append(Sample(prompt, prompt_ids[p], ids, logp_l[r][: lengths[r]], self.decode(ids)))
-            groups.append(group)
+            members = range(p * group_size, (p + 1) * group_size)
+            groups.append([Sample(prompt, prompt_ids[p], new_l[r], logp_l[r], texts[r]) for r in members])
         return groups
+
+    def _one_row_per_sequence(self, gen_kwargs: dict) -> bool:
+        """Whether generate would decode each input row as one sequence through a plain dynamic
+        cache (greedy or sampling), so that a cache prepared here fits it."""
+        cfg = gen_kwargs.get("generation_config") or self.model.generation_config
+
+        def setting(key: str):
+            return gen_kwargs[key] if key in gen_kwargs else getattr(cfg, key, None)
+
+        return (all(setting(k) is None or setting(k) is False for k in _OWN_CACHE_OR_ROWS_KWARGS)
+                and setting("use_cache") is not False
+                and setting("num_beams") in (None, 1)
+                and setting("num_return_sequences") in (None, 1))
 
     def _completion_lengths(self, new: torch.Tensor) -> list[int]:
         """Tokens up to and including the first EOS (all tokens when none was produced)."""
@@ -162,12 +225,16 @@ class Policy:
         completion_ids: Sequence[Sequence[int]],
         temperature: float = 1.0,
         grad: bool = False,
+        share_prompt_prefill: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of completions given prompts, under the current weights.
 
         Sequences are laid out [left pad][prompt][completion][right pad]; position ids are
         cumsum(mask) - 1 so padded rows see the same positions as unpadded ones. Returns
         (logp [B, Tc], mask [B, Tc]) with Tc the longest completion.
+
+        Rows that repeat a prompt (a GRPO group: G completions of one question) share its
+        forward pass when `share_prompt_prefill` is on; gradients flow through the shared part.
         """
         B = len(prompt_ids)
         P = max(1, max(len(p) for p in prompt_ids))
@@ -185,17 +252,44 @@ class Policy:
                 cmask[i, : len(c)] = 1.0
         ids, attn, cmask = ids.to(self.device), attn.to(self.device), cmask.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        owner, firsts = _distinct_rows(prompt_ids)
+        share = (share_prompt_prefill and len(firsts) < B and P > 1 and all(len(p) for p in prompt_ids)
+                 # activation checkpointing drops caches in training forwards
+                 and not any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()))
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             if grad:
                 self.model.train()
             else:
                 self.model.eval()
-            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
             # logits at position t predict token t+1: completion token j sits at P+j, predicted at P+j-1
-            logits = logits[:, P - 1 : P + Tc - 1, :].float() / temperature
+            if share:
+                # each distinct prompt but its last token once, its cache indexed out to every row;
+                # then [last prompt token, completion[:-1]] on top, the mask covering cache + new
+                cache = self._prompt_cache(ids[firsts, : P - 1], attn[firsts, : P - 1])
+                cache.batch_select_indices(torch.tensor(owner, device=self.device))
+                logits = self.model(input_ids=ids[:, P - 1 : -1], attention_mask=attn[:, :-1],
+                                    position_ids=pos[:, P - 1 : -1], **{self._cache_arg: cache}).logits
+            else:
+                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+                logits = logits[:, P - 1 : P + Tc - 1, :]
+            logits = logits.float() / temperature
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, P:].unsqueeze(-1)).squeeze(-1)
         return logp * cmask, cmask
+
+    def _prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> DynamicCache:
+        """Run left-padded prompt columns once and keep their keys/values (logits are not needed).
+
+        Positions are cumsum(mask) - 1, as generate and token_logprobs compute them, so the cache
+        is the one a full forward over the longer rows would have built.
+        """
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=True, **{self._cache_arg: cache}, **self._last_logits_only)
+        if cache.get_seq_length() != ids.shape[1]:
+            raise PolicyError(f"{self.name} did not fill the KV cache it was given; "
+                              "pass share_prompt_prefill=False to run every row in full")
+        return cache
 
     def score_texts(self, prompts: Sequence[str], completions: Sequence[str], temperature: float = 1.0
                     ) -> list[list[float]]:
