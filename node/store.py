@@ -36,6 +36,14 @@ def content_id(group: pb.RolloutGroup) -> bytes:
     return hashlib.sha256(group.SerializeToString(deterministic=True)).digest()
 
 
+def connect_sqlite(path: str) -> sqlite3.Connection:
+    """A connection as every rollshare table wants it: WAL, synchronous=NORMAL, autocommit."""
+    c = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("PRAGMA synchronous=NORMAL")
+    return c
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -91,10 +99,7 @@ class RolloutStore:
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is None:
-            c = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = c
+            c = self._local.conn = connect_sqlite(self.path)
         return c
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from rollshare.net import identity
 from rollshare.net.identity import KeyPair
 from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
-from rollshare.store import RolloutStore, content_id
+from rollshare.store import RolloutStore, connect_sqlite, content_id
 from rollshare.tasks import TaskError, TaskSpec, regenerate
 
 #: Domain separation: an envelope signature can never be mistaken for any other signed thing.
@@ -421,10 +421,7 @@ class EnvelopeIndex:
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is None:
-            c = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = c
+            c = self._local.conn = connect_sqlite(self.path)
         return c
 
     def close(self) -> None:
