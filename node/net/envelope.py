@@ -415,6 +415,9 @@ class EnvelopeIndex:
                 envelope_id BLOB NOT NULL
             );
             CREATE INDEX IF NOT EXISTS group_envelope_env ON group_envelope(envelope_id);
+            -- entries_since runs on both sides of every reconciliation over the whole window;
+            -- covering it saves reading each group's table row (a page of its blob) for the cid
+            CREATE INDEX IF NOT EXISTS groups_created_cid ON groups(created_at_ms, cid);
             """
         )
 
