@@ -311,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     b = sub.add_parser("bench", help="benchmarks (each prints one JSON object last with --json)")
     b.add_argument("name", choices=sorted(BENCHES))
+    from rollshare import swarm
+
+    w = sub.add_parser("swarm", help="N nodes on this machine with a live table (Ctrl-C stops them all)",
+                       description="Start N `rollshare run` processes on 127.0.0.1 (free ports, "
+                       "node0 the bootstrap), show a live table, stop them all on Ctrl-C.")
+    swarm.add_arguments(w)
     return p
 
 
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.cmd != "bench" and rest:
+    if args.cmd not in ("bench", "swarm") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd in ("keygen", "status"):  # quick commands: no torch import
         try:
@@ -338,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.cmd == "bench":
             return cmd_bench(args, rest)
+        if args.cmd == "swarm":
+            from rollshare.swarm import cmd_swarm
+
+            return cmd_swarm(args, rest)
     except (ConfigError, TaskError, PolicyError, CheckpointError) as e:
         print(f"rollshare: error: {e}", file=sys.stderr)
         return EXIT_USAGE
