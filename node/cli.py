@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--families", help="families to evaluate (default: the node's task mix)")
     e.add_argument("-n", type=int, default=200, help="held-out items per family (default 200)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    b = sub.add_parser("bench", help="benchmarks (each prints one JSON object last with --json)")
+    # no -h of its own: `rollshare bench NAME --help` shows the benchmark's own flags
+    b = sub.add_parser("bench", help="benchmarks (each prints one JSON object last with --json)", add_help=False)
     b.add_argument("name", choices=sorted(BENCHES))
     from rollshare import swarm
 

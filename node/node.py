@@ -117,6 +117,9 @@ class Node:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
         self.mix = parse_mix(cfg.tasks)
         self.policy = policy or load_policy(cfg.model, self.data_dir / "models", self.mix, cfg.warmup_steps,
                                             cfg.lr, cfg.seed, show_progress=show_progress)

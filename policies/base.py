@@ -17,6 +17,7 @@ It must never know about tasks, rewards, the network or the round loop.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ _OWN_CACHE_OR_ROWS_KWARGS = frozenset({
     "assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "dola_layers", "use_mtp",
     "constraints", "force_words_ids", "penalty_alpha",
 })
+
+
+POLICY_META = "rollshare_policy.json"  # what transformers does not keep (attention implementation)
 
 
 class PolicyError(RuntimeError):
@@ -319,6 +323,9 @@ class Policy:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        # transformers does not save the attention implementation; tiny models need eager to keep
+        # re-scored log-probs within 1e-5 of generation, so remember it beside the weights
+        (path / POLICY_META).write_text(json.dumps({"attn_implementation": self.model.config._attn_implementation}))
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load weights saved by `save` into this policy (same architecture)."""
@@ -346,6 +353,11 @@ class Policy:
         if not (path / "config.json").is_file():
             raise PolicyError(f"{path} is not a transformers model directory (no config.json); "
                               "pass --model with a directory written by save_pretrained")
+        if attn_implementation is None and (path / POLICY_META).is_file():
+            try:
+                attn_implementation = json.loads((path / POLICY_META).read_text()).get("attn_implementation")
+            except (ValueError, AttributeError):
+                attn_implementation = None
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
