@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--data-dir", type=Path, help="default: a fresh temporary directory")
+    ap.add_argument("--lr", type=float, help="GRPO learning rate (default: the node's default)")
     args = ap.parse_args(argv)
     budget = args.seconds or (30.0 if args.quick else 120.0)
     from rollshare.node import Node, evaluate
@@ -40,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rollshare-bench-learn-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         cfg = NodeConfig(data_dir=data_dir, seed=args.seed, threads=args.threads, checkpoint_every=10**9,
-                         status="off")
+                         status="off", network=False)
         if args.quick:
             cfg = cfg.with_(warmup_steps=150)
+        if args.lr:
+            cfg = cfg.with_(lr=args.lr)
         t0 = time.monotonic()
         with Node(cfg, log=lambda m: print(m, file=sys.stderr)) as node:
             setup_s = time.monotonic() - t0
