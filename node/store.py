@@ -7,8 +7,16 @@ by content id (sha256 of their deterministic serialization), so the same group a
 
 - `max_age_s`: groups older than this (by the origin's created_at, clamped to our receive
   time so a sender cannot make a group immortal by dating it in the future) are pruned;
-- `per_peer_quota`: at most this many groups per origin; a peer over quota loses its oldest;
+- `per_peer_quota`: at most this many groups per origin; a peer over quota loses its oldest
+  (by created_at, ties by content id: every node evicts the same ones);
 - `max_groups`: a global cap; the oldest groups go first, our own last.
+
+Costs. A write is one transaction however many groups it carries (`put_serialized` takes groups
+already serialized and hashed, e.g. by envelope verification, so nothing is encoded twice). The
+per-origin quota is checked against counts kept in memory (loaded once at open, then updated by
+every write through this object), so an insert never counts the table. Other parts of the node
+that keep derived state (the envelope index's reconciliation digests) register a listener and
+hear, after each commit, the created_at of every group added or removed.
 
 Each thread uses its own connection (SQLite objects are not shared across threads).
 This module never touches the network or torch.
@@ -16,19 +24,22 @@ This module never touches the network or torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from rollshare.proto import rollout_pb2 as pb
 
 SCHEMA_VERSION = 1
+#: ids per `IN (...)` list: well under SQLite's smallest variable limit (999 before 3.32)
+_SQL_CHUNK = 500
 
 
 def content_id(group: pb.RolloutGroup) -> bytes:
@@ -48,6 +59,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def chunked(items: Sequence, size: int = _SQL_CHUNK) -> Iterator[Sequence]:
+    """Consecutive slices of at most `size` items (for `IN (...)` lists)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
 @dataclass(frozen=True)
 class StoreLimits:
     max_age_s: float = 3600.0
@@ -63,6 +84,37 @@ class StoredGroup:
     received_at_ms: int
 
 
+@dataclass(frozen=True)
+class SerializedGroup:
+    """A group with its deterministic serialization and content id, computed once.
+
+    Invariant: `cid == sha256(data)` and `data` is `group` serialized deterministically.
+    """
+
+    cid: bytes
+    data: bytes
+    group: pb.RolloutGroup
+
+    @classmethod
+    def of(cls, group: pb.RolloutGroup) -> "SerializedGroup":
+        data = group.SerializeToString(deterministic=True)
+        return cls(hashlib.sha256(data).digest(), data, group)
+
+
+@dataclass
+class Transaction:
+    """One write transaction of the store (see `RolloutStore.transaction`)."""
+
+    conn: sqlite3.Connection
+    #: created_at_ms of every group added or removed; handed to the listeners after commit
+    changed: list[int] = field(default_factory=list)
+    #: origin -> change in its number of groups; applied to the store's counts after commit
+    count_delta: dict[str, int] = field(default_factory=dict)
+
+
+Listener = Callable[[list[int]], None]
+
+
 class RolloutStore:
     def __init__(self, path: str | os.PathLike, limits: StoreLimits = StoreLimits(), self_origin: str = ""):
         self.path = str(path)
@@ -70,6 +122,7 @@ class RolloutStore:
         self.self_origin = self_origin
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._listeners: list[Listener] = []
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with self._conn() as c:
             c.executescript(
@@ -85,7 +138,9 @@ class RolloutStore:
                     size INTEGER NOT NULL,
                     data BLOB NOT NULL
                 );
-                CREATE INDEX IF NOT EXISTS groups_origin ON groups(origin, created_at_ms);
+                -- per-origin, oldest first with ties broken by cid: quota eviction reads it alone
+                CREATE INDEX IF NOT EXISTS groups_origin_cid ON groups(origin, created_at_ms, cid);
+                DROP INDEX IF EXISTS groups_origin;
                 CREATE INDEX IF NOT EXISTS groups_created ON groups(created_at_ms);
                 """
             )
@@ -95,6 +150,8 @@ class RolloutStore:
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"rollout store {self.path} has schema {row[0]}, this node expects "
                                    f"{SCHEMA_VERSION}; move it away to start a fresh store")
+        #: origin -> groups stored: the per-peer quota's counter (read once here, then kept up to date)
+        self._per_origin: dict[str, int] = self.count_by_origin()
 
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
@@ -102,69 +159,122 @@ class RolloutStore:
             c = self._local.conn = connect_sqlite(self.path)
         return c
 
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection to the store's file, for reads (the envelope index keeps its
+        tables in the same file). Write through `transaction()`."""
+        return self._conn()
+
     def close(self) -> None:
+        """Close the calling thread's connection (another call reopens it)."""
         c = getattr(self._local, "conn", None)
         if c is not None:
             c.close()
             self._local.conn = None
 
+    def add_listener(self, fn: Listener) -> None:
+        """Call fn(created_at_ms of the groups added or removed) after each commit that changed groups.
+
+        It runs on the writing thread, under the store's write lock: keep it quick, never write
+        to the store from it.
+        """
+        self._listeners.append(fn)
+
     # ------------------------------------------------------------------ writes
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error) under the
+        store's write lock. Other tables in this file (the envelope index's) may be written
+        through `tx.conn` in the same transaction; groups only through `put_serialized(tx=...)`."""
+        with self._write_lock:
+            c = self._conn()
+            c.execute("BEGIN IMMEDIATE")
+            tx = Transaction(c)
+            try:
+                yield tx
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            for origin, delta in tx.count_delta.items():
+                n = self._per_origin.get(origin, 0) + delta
+                if n > 0:
+                    self._per_origin[origin] = n
+                else:
+                    self._per_origin.pop(origin, None)
+            if tx.changed:
+                for fn in self._listeners:
+                    fn(tx.changed)
+
     def put(self, group: pb.RolloutGroup, origin: str | None = None) -> tuple[bytes, bool]:
         """Store a group. Returns (content id, True if it was new)."""
         return self.put_many([group], origin)[0]
 
     def put_many(self, groups: Sequence[pb.RolloutGroup], origin: str | None = None) -> list[tuple[bytes, bool]]:
-        out = []
+        """Store groups in one transaction. Returns (content id, True if it was new) per group."""
+        return self.put_serialized([SerializedGroup.of(g) for g in groups], origin)
+
+    def put_serialized(self, items: Sequence[SerializedGroup], origin: str | None = None,
+                       tx: Transaction | None = None) -> list[tuple[bytes, bool]]:
+        """Store groups already serialized and hashed, in one transaction (or inside `tx`).
+
+        origin: the origin to file them under; None = each group's own `origin` field.
+        Returns (content id, True if it was new) per item. Origins over quota lose their oldest.
+        """
+        if tx is None:
+            with self.transaction() as tx:
+                return self.put_serialized(items, origin, tx)
+        c = tx.conn
         received = now_ms()
-        with self._write_lock:
-            c = self._conn()
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for g in groups:
-                    data = g.SerializeToString(deterministic=True)
-                    cid = hashlib.sha256(data).digest()
-                    org = origin if origin is not None else g.origin
-                    created = min(int(g.created_at_ms), received)  # no dating into the future
-                    cur = c.execute(
-                        "INSERT OR IGNORE INTO groups VALUES (?,?,?,?,?,?,?,?)",
-                        (cid, org, int(g.round), created, received, g.task.family, len(data), data),
-                    )
-                    out.append((cid, cur.rowcount == 1))
-                    if cur.rowcount == 1:
-                        self._enforce_quota(c, org)
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        out = []
+        added: dict[str, int] = {}
+        for it in items:
+            g = it.group
+            org = origin if origin is not None else g.origin
+            created = min(int(g.created_at_ms), received)  # no dating into the future
+            new = c.execute(
+                "INSERT OR IGNORE INTO groups VALUES (?,?,?,?,?,?,?,?)",
+                (it.cid, org, int(g.round), created, received, g.task.family, len(it.data), it.data),
+            ).rowcount == 1
+            out.append((it.cid, new))
+            if new:
+                added[org] = added.get(org, 0) + 1
+                tx.changed.append(created)
+        for org, n in added.items():
+            tx.count_delta[org] = tx.count_delta.get(org, 0) + n
+            self._enforce_quota(tx, org)
         return out
 
-    def _enforce_quota(self, c: sqlite3.Connection, origin: str) -> None:
+    def _enforce_quota(self, tx: Transaction, origin: str) -> None:
+        """Drop an origin's oldest groups beyond per_peer_quota (never our own)."""
         if origin == self.self_origin:
             return
-        n = c.execute("SELECT COUNT(*) FROM groups WHERE origin=?", (origin,)).fetchone()[0]
-        if n > self.limits.per_peer_quota:
-            c.execute(
-                "DELETE FROM groups WHERE cid IN (SELECT cid FROM groups WHERE origin=? "
-                "ORDER BY created_at_ms ASC LIMIT ?)", (origin, n - self.limits.per_peer_quota))
+        over = self._per_origin.get(origin, 0) + tx.count_delta.get(origin, 0) - self.limits.per_peer_quota
+        if over > 0:
+            rows = tx.conn.execute("SELECT cid, created_at_ms FROM groups WHERE origin=? "
+                                   "ORDER BY created_at_ms ASC, cid ASC LIMIT ?", (origin, over)).fetchall()
+            self._delete(tx, [(cid, created, origin) for cid, created in rows])
+
+    @staticmethod
+    def _delete(tx: Transaction, rows: Sequence[tuple[bytes, int, str]]) -> int:
+        """Delete the given (cid, created_at_ms, origin) rows; record the change. Returns rows deleted."""
+        tx.conn.executemany("DELETE FROM groups WHERE cid=?", [(cid,) for cid, _, _ in rows])
+        for _, created, origin in rows:
+            tx.changed.append(created)
+            tx.count_delta[origin] = tx.count_delta.get(origin, 0) - 1
+        return len(rows)
 
     def prune(self, now: int | None = None) -> int:
         """Drop groups past the age limit, then the oldest beyond the global cap."""
         now = now_ms() if now is None else now
-        with self._write_lock:
-            c = self._conn()
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                n = c.execute("DELETE FROM groups WHERE created_at_ms < ?",
-                              (now - int(self.limits.max_age_s * 1000),)).rowcount
-                total = c.execute("SELECT COUNT(*) FROM groups").fetchone()[0]
-                if total > self.limits.max_groups:
-                    n += c.execute(
-                        "DELETE FROM groups WHERE cid IN (SELECT cid FROM groups ORDER BY origin = ? ASC, "
-                        "created_at_ms ASC LIMIT ?)", (self.self_origin, total - self.limits.max_groups)).rowcount
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        with self.transaction() as tx:
+            c = tx.conn
+            n = self._delete(tx, c.execute("SELECT cid, created_at_ms, origin FROM groups WHERE created_at_ms < ?",
+                                           (now - int(self.limits.max_age_s * 1000),)).fetchall())
+            total = c.execute("SELECT COUNT(*) FROM groups").fetchone()[0]
+            if total > self.limits.max_groups:
+                n += self._delete(tx, c.execute(
+                    "SELECT cid, created_at_ms, origin FROM groups ORDER BY origin = ? ASC, created_at_ms ASC, "
+                    "cid ASC LIMIT ?", (self.self_origin, total - self.limits.max_groups)).fetchall())
         return n
 
     # ------------------------------------------------------------------- reads
@@ -173,6 +283,15 @@ class RolloutStore:
 
     def has(self, cid: bytes) -> bool:
         return self._conn().execute("SELECT 1 FROM groups WHERE cid=?", (cid,)).fetchone() is not None
+
+    def missing(self, cids: Sequence[bytes]) -> list[bytes]:
+        """The given ids that are not stored, in their order (one indexed query per 500 ids)."""
+        held: set[bytes] = set()
+        c = self._conn()
+        for part in chunked(cids):
+            held.update(r[0] for r in c.execute(
+                f"SELECT cid FROM groups WHERE cid IN ({placeholders(len(part))})", part))
+        return [cid for cid in cids if cid not in held]
 
     def get(self, cids: Iterable[bytes]) -> list[StoredGroup]:
         c = self._conn()
@@ -188,6 +307,10 @@ class RolloutStore:
         rows = self._conn().execute("SELECT cid FROM groups WHERE created_at_ms >= ? ORDER BY cid",
                                     (since_ms,)).fetchall()
         return [r[0] for r in rows]
+
+    def count(self, origin: str, tx: Transaction | None = None) -> int:
+        """Groups stored from `origin` (kept in memory; inside `tx`, including its changes so far)."""
+        return self._per_origin.get(origin, 0) + (tx.count_delta.get(origin, 0) if tx is not None else 0)
 
     def count_by_origin(self) -> dict[str, int]:
         return dict(self._conn().execute("SELECT origin, COUNT(*) FROM groups GROUP BY origin").fetchall())

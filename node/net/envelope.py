@@ -17,7 +17,8 @@ that a node can count per peer:
 `SeenEnvelopes` is a bounded LRU that turns an exact replay (same header, same groups) into
 the reason "replay". `EnvelopeIndex` keeps, beside the RolloutStore (its own two tables in the
 store's SQLite file), the header, signature and public key under which each stored group
-arrived, so this node can serve the group again verifiably (`envelopes_for`).
+arrived, so this node can serve the group again verifiably (`envelope_bytes_for`), and the
+reconciliation digests of what it can serve.
 
 This module never touches the network or torch, and never trusts a sender's rewards: it only
 decides whether bytes are a well-formed, authentic envelope.
@@ -26,19 +27,22 @@ decides whether bytes are a well-formed, authentic envelope.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from rollshare.net import identity
+from rollshare.net import reconcile as rec
 from rollshare.net.identity import KeyPair
 from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
-from rollshare.store import RolloutStore, connect_sqlite, content_id
+from rollshare.store import (RolloutStore, SerializedGroup, Transaction, chunked, content_id,
+                             placeholders)
 from rollshare.tasks import TaskError, TaskSpec, regenerate
 
 #: Domain separation: an envelope signature can never be mistaken for any other signed thing.
@@ -118,6 +122,9 @@ class VerifiedEnvelope:
     header: wire.EnvelopeHeader
     groups: tuple[tuple[bytes, pb.RolloutGroup], ...]
     envelope: wire.SignedEnvelope            # as received: relay it (or a subset) unchanged
+    #: each group's deterministic serialization (its sha256 is the cid), aligned with `groups`;
+    #: empty if not kept (then `serialized` computes it)
+    group_bytes: tuple[bytes, ...] = ()
 
     @property
     def origin(self) -> str:
@@ -126,6 +133,13 @@ class VerifiedEnvelope:
     @property
     def cids(self) -> list[bytes]:
         return [cid for cid, _ in self.groups]
+
+    @property
+    def serialized(self) -> list[SerializedGroup]:
+        """The groups as the store takes them: nothing is serialized or hashed again."""
+        if len(self.group_bytes) == len(self.groups):
+            return [SerializedGroup(cid, data, g) for (cid, g), data in zip(self.groups, self.group_bytes)]
+        return [SerializedGroup.of(g) for _, g in self.groups]
 
     @property
     def replay_key(self) -> bytes:
@@ -155,19 +169,29 @@ def _is_ed25519_public_key(data: bytes) -> bool:
 def make_envelope(keypair: KeyPair, groups: Sequence[pb.RolloutGroup], policy_id: str, round: int,
                   seq: int, created_at_ms: int | None = None) -> wire.SignedEnvelope:
     """Sign a header listing the groups' content ids, and wrap it with the groups and our public key."""
+    env = seal([SerializedGroup.of(g) for g in groups], keypair, policy_id, round, seq, created_at_ms)
+    env.groups.extend(groups)
+    return env
+
+
+def seal(items: Sequence[SerializedGroup], keypair: KeyPair, policy_id: str, round: int, seq: int,
+         created_at_ms: int | None = None) -> wire.SignedEnvelope:
+    """The signed part of an envelope for these groups: header, signature, public key, no groups.
+
+    What a node publishing its own groups records (`EnvelopeIndex.put_own`); add groups to send it.
+    """
     public_key = keypair.public_key.serialize()
     if not _is_ed25519_public_key(public_key):
         raise ValueError("envelopes are signed with ed25519 keys; load the node identity with "
                          "rollshare.net.identity.load_or_create_identity")
-    if not groups:
+    if not items:
         raise ValueError("an envelope covers at least one group")
     origin = identity.peer_id_of(keypair)
-    cids = []
-    for g in groups:
-        if g.origin != origin:
-            raise ValueError(f"group origin {g.origin!r} is not the signer {origin}; set "
+    for it in items:
+        if it.group.origin != origin:
+            raise ValueError(f"group origin {it.group.origin!r} is not the signer {origin}; set "
                              "RolloutGroup.origin to the node's peer id before signing")
-        cids.append(content_id(g))
+    cids = [it.cid for it in items]
     if len(set(cids)) != len(cids):
         raise ValueError("the same group appears twice in one envelope")
     header = wire.EnvelopeHeader(
@@ -175,12 +199,8 @@ def make_envelope(keypair: KeyPair, groups: Sequence[pb.RolloutGroup], policy_id
         created_at_ms=_now_ms() if created_at_ms is None else created_at_ms,
         group_ids=cids, seq=seq,
     ).SerializeToString(deterministic=True)
-    return wire.SignedEnvelope(
-        header=header,
-        signature=identity.sign(keypair, SIGNING_DOMAIN + header),
-        public_key=public_key,
-        groups=groups,
-    )
+    return wire.SignedEnvelope(header=header, signature=identity.sign(keypair, SIGNING_DOMAIN + header),
+                               public_key=public_key)
 
 
 # ------------------------------------------------------------------------------ verification
@@ -242,18 +262,22 @@ def verify_envelope(envelope: bytes | wire.SignedEnvelope, limits: EnvelopeLimit
             or not identity.verify_signature(env.public_key, SIGNING_DOMAIN + env.header, env.signature)):
         raise Rejected(BAD_SIGNATURE, f"signature does not match the header of {header.origin}")
 
-    # 7. every group is one the origin signed, each at most once
+    # 7. every group is one the origin signed, each at most once (its deterministic serialization
+    #    is kept: the store takes it as it is)
     listed = set(header.group_ids)
     groups: list[tuple[bytes, pb.RolloutGroup]] = []
+    group_bytes: list[bytes] = []
     seen_here: set[bytes] = set()
     for g in env.groups:
-        cid = content_id(g)
+        data = g.SerializeToString(deterministic=True)
+        cid = hashlib.sha256(data).digest()
         if cid not in listed:
             raise Rejected(UNLISTED_GROUP, f"group {cid.hex()[:16]} is not in the signed header")
         if cid in seen_here:
             raise Rejected(DUPLICATE_GROUP, f"group {cid.hex()[:16]} appears twice")
         seen_here.add(cid)
         groups.append((cid, g))
+        group_bytes.append(data)
 
     # 8. per-group schema
     for cid, g in groups:
@@ -269,7 +293,7 @@ def verify_envelope(envelope: bytes | wire.SignedEnvelope, limits: EnvelopeLimit
                                    f"(max {limits.max_future_s:.0f} s)")
 
     verified = VerifiedEnvelope(envelope_id=hashlib.sha256(env.header).digest(), header=header,
-                                groups=tuple(groups), envelope=env)
+                                groups=tuple(groups), envelope=env, group_bytes=tuple(group_bytes))
     # 10. exact replay
     if seen is not None and not seen.add(verified):
         raise Rejected(REPLAY, f"envelope {verified.envelope_id.hex()[:16]} with these groups was seen before")
@@ -386,21 +410,44 @@ class SeenEnvelopes:
 
 # ------------------------------------------------------------------------------ store index
 
+#: granularity of the reconciliation digests an EnvelopeIndex keeps in memory: a request whose
+#: since_ms and bucket_ms are multiples of it is answered from them (the service aligns its own)
+DIGEST_BUCKET_MS = 1000
+
+_MIN_MS = -2**63
+_RELAYABLE = ("SELECT g.cid, g.created_at_ms FROM groups g JOIN group_envelope e ON e.cid = g.cid "
+              "WHERE g.created_at_ms >= ?")
+#: detail requests naming more buckets than this are answered by one scan of the window
+_MAX_RANGE_QUERIES = 64
+
+
 class EnvelopeIndex:
     """Remembers under which signed envelope each stored group arrived, so we can relay it.
 
-    Two tables in the RolloutStore's SQLite file (the store's own tables are only read):
-    envelopes(envelope_id, header, signature, public_key, origin, created_at_ms) and
-    group_envelope(cid, envelope_id). The first envelope recorded for a group wins.
+    Two tables in the RolloutStore's SQLite file: envelopes(envelope_id, header, signature,
+    public_key, origin, created_at_ms) and group_envelope(cid, envelope_id). The first envelope
+    recorded for a group wins. Writes share the store's transactions: a batch of verified
+    envelopes commits with its groups in one transaction (`put_verified_many`), and so do our own
+    groups with their envelope (`put_own`).
+
+    A group is *relayable* when it is stored and linked to an envelope. `envelope_bytes_for`
+    serves relayable groups from their stored bytes (nothing is parsed or encoded again);
+    `entries_since` lists them. Of our own groups (never evicted by our quota) only the newest
+    `per_peer_quota` stay relayable, the ones a peer's quota keeps: offering older ones would
+    make every reconciliation with us find groups the peer must evict again at once. For reconciliation the index keeps, in memory, a digest (count,
+    xor of id prefixes) per second of created_at over the relayable groups: read once, then
+    only the seconds that a write touched are read again (the store reports, after each commit,
+    the created_at of every group added or removed). An exchange so costs O(seconds in the window
+    + groups in the seconds that changed), not O(groups stored). Writes made to the file by
+    anything else than this store and index are not seen until the node restarts.
+
     Call `prune()` after `RolloutStore.prune()` to forget envelopes of groups that are gone.
     """
 
     def __init__(self, store: RolloutStore):
         self.store = store
         self.path = store.path
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        self._conn().executescript(
+        self.store.connection().executescript(
             """
             CREATE TABLE IF NOT EXISTS envelopes (
                 envelope_id BLOB PRIMARY KEY,
@@ -415,24 +462,28 @@ class EnvelopeIndex:
                 envelope_id BLOB NOT NULL
             );
             CREATE INDEX IF NOT EXISTS group_envelope_env ON group_envelope(envelope_id);
-            -- entries_since runs on both sides of every reconciliation over the whole window;
-            -- covering it saves reading each group's table row (a page of its blob) for the cid
+            -- relayable groups by created_at: digests of the seconds that changed, and the ids of
+            -- differing buckets, are read from this index alone
             CREATE INDEX IF NOT EXISTS groups_created_cid ON groups(created_at_ms, cid);
             """
         )
+        self._digests: dict[int, rec.Digest] = {}  # second (ms) -> digest of the relayable groups created in it
+        self._dirty: set[int] | None = None        # seconds to read again; None: all (not read yet)
+        self._dirty_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()      # one reader of SQLite into _digests at a time
+        #: no own group created before this is relayable (a lower bound; it spares retiring a
+        #: scan of the groups retired before)
+        self._own_floor = _MIN_MS
+        store.add_listener(self._touched)
 
     def _conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = self._local.conn = connect_sqlite(self.path)
-        return c
+        return self.store.connection()
 
     def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
+        """Close the calling thread's connection (shared with the store; another call reopens it)."""
+        self.store.close()
 
+    # ------------------------------------------------------------------ writes
     def record(self, envelope: VerifiedEnvelope | wire.SignedEnvelope) -> None:
         """Remember the envelope of every group it carries.
 
@@ -444,85 +495,234 @@ class EnvelopeIndex:
         else:
             env, header = envelope, wire.EnvelopeHeader.FromString(envelope.header)
             cids = [content_id(g) for g in envelope.groups]
-        eid = hashlib.sha256(env.header).digest()
-        with self._write_lock:
-            c = self._conn()
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                c.execute("INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?,?)",
-                          (eid, env.header, env.signature, env.public_key, header.origin, header.created_at_ms))
-                c.executemany("INSERT OR IGNORE INTO group_envelope VALUES (?,?)", [(cid, eid) for cid in cids])
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        with self._writing() as tx:
+            touched = self._link(tx, env, header, cids)
+        self._touched(touched)
 
     def put_verified(self, verified: VerifiedEnvelope) -> list[tuple[bytes, bool]]:
-        """Record the envelope, then store its groups. Returns the store's (cid, is_new) pairs."""
-        self.record(verified)
-        return self.store.put_many([g for _, g in verified.groups], origin=verified.origin)
+        """Store a verified envelope's groups and record the envelope. Returns the store's (cid, is_new) pairs."""
+        return self.put_verified_many([verified])[0]
 
+    def put_verified_many(self, verified: Sequence[VerifiedEnvelope]) -> list[list[tuple[bytes, bool]]]:
+        """Store the groups of several verified envelopes and record the envelopes, in one transaction.
+
+        Returns the store's (cid, is_new) pairs per envelope.
+        """
+        with self._writing() as tx:
+            results = [self.store.put_serialized(v.serialized, origin=v.origin, tx=tx) for v in verified]
+            touched = [t for v in verified for t in self._link(tx, v.envelope, v.header, v.cids)]
+        self._touched(touched)
+        return results
+
+    def put_own(self, sealed: wire.SignedEnvelope, items: Sequence[SerializedGroup]) -> list[tuple[bytes, bool]]:
+        """Store our own groups with the envelope that signs them (`seal`), in one transaction."""
+        header = wire.EnvelopeHeader.FromString(sealed.header)
+        with self._writing() as tx:
+            results = self.store.put_serialized(items, origin=header.origin, tx=tx)
+            touched = self._link(tx, sealed, header, [it.cid for it in items])
+        self._touched(touched)
+        return results
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Transaction]:
+        """A store transaction; if it fails, what the index remembers about it is dropped too."""
+        try:
+            with self.store.transaction() as tx:
+                yield tx
+        except BaseException:
+            self._own_floor = _MIN_MS
+            raise
+
+    def _link(self, tx: Transaction, env: wire.SignedEnvelope, header: wire.EnvelopeHeader, cids: Sequence[bytes]
+              ) -> list[int]:
+        """Insert the envelope and its group links; created_at of the groups whose relayability changed."""
+        c = tx.conn
+        eid = hashlib.sha256(env.header).digest()
+        c.execute("INSERT OR IGNORE INTO envelopes VALUES (?,?,?,?,?,?)",
+                  (eid, env.header, env.signature, env.public_key, header.origin, header.created_at_ms))
+        touched = []
+        for cid in cids:
+            if c.execute("INSERT OR IGNORE INTO group_envelope VALUES (?,?)", (cid, eid)).rowcount == 1:
+                row = c.execute("SELECT created_at_ms FROM groups WHERE cid=?", (cid,)).fetchone()
+                if row is not None:
+                    touched.append(row[0])
+        if header.origin == self.store.self_origin:
+            self._own_floor = min([self._own_floor, *touched])
+            touched += self._retire_own(tx)
+        return touched
+
+    def _retire_own(self, tx: Transaction) -> list[int]:
+        """Unlink our own groups beyond the newest per_peer_quota ((created_at, cid) order, the
+        order in which a peer's quota evicts them); created_at of those unlinked."""
+        own, quota = self.store.self_origin, self.store.limits.per_peer_quota
+        if self.store.count(own, tx) <= quota:
+            return []
+        c = tx.conn
+        # the newest own group beyond the quota: it and everything older is retired
+        boundary = c.execute("SELECT created_at_ms, cid FROM groups WHERE origin=? "
+                             "ORDER BY created_at_ms DESC, cid DESC LIMIT 1 OFFSET ?", (own, quota)).fetchone()
+        if boundary is None:
+            return []
+        created, cid = boundary
+        rows = c.execute(
+            "SELECT g.cid, g.created_at_ms FROM groups g JOIN group_envelope e ON e.cid = g.cid "
+            "WHERE g.origin = ? AND g.created_at_ms >= ? AND (g.created_at_ms < ? OR g.created_at_ms = ? AND g.cid <= ?)",
+            (own, self._own_floor, created, created, cid)).fetchall()
+        c.executemany("DELETE FROM group_envelope WHERE cid=?", [(r[0],) for r in rows])
+        self._own_floor = created
+        return [r[1] for r in rows]
+
+    def prune(self) -> int:
+        """Forget envelopes of groups the store no longer holds. Returns group links removed."""
+        with self.store.transaction() as tx:
+            n = tx.conn.execute("DELETE FROM group_envelope WHERE cid NOT IN (SELECT cid FROM groups)").rowcount
+            tx.conn.execute("DELETE FROM envelopes WHERE envelope_id NOT IN "
+                            "(SELECT DISTINCT envelope_id FROM group_envelope)")
+        return n
+
+    # ------------------------------------------------------------------- reads
     def has(self, cid: bytes) -> bool:
         return self._conn().execute("SELECT 1 FROM group_envelope WHERE cid=?", (cid,)).fetchone() is not None
 
+    def envelope_bytes_for(self, cids: Iterable[bytes], max_bytes: int = EnvelopeLimits.max_envelope_bytes
+                           ) -> list[bytes]:
+        """Serialized signed envelopes carrying the requested groups that we store and can relay.
+
+        Built from the stored header, signature, public key and group bytes. Groups are gathered
+        under their original envelope (in the order they were asked for); an envelope whose
+        groups would pass max_bytes is split into several (same header and signature, disjoint
+        subsets), each of which a receiver verifies on its own. Unknown ids are skipped.
+        """
+        wanted = list(dict.fromkeys(cids))
+        position = {cid: i for i, cid in enumerate(wanted)}
+        c = self._conn()
+        by_env: dict[bytes, list[tuple[int, bytes]]] = {}  # envelope id -> (position asked, group bytes)
+        for part in chunked(wanted):
+            for cid, eid, data in c.execute(
+                    "SELECT e.cid, e.envelope_id, g.data FROM group_envelope e JOIN groups g ON g.cid = e.cid "
+                    f"WHERE e.cid IN ({placeholders(len(part))})", part):
+                by_env.setdefault(eid, []).append((position[cid], data))
+        heads: dict[bytes, bytes] = {}  # envelope id -> its fields 1-3, encoded
+        for part in chunked(list(by_env)):
+            for eid, header, signature, public_key in c.execute(
+                    "SELECT envelope_id, header, signature, public_key FROM envelopes "
+                    f"WHERE envelope_id IN ({placeholders(len(part))})", part):
+                heads[eid] = _field(1, header) + _field(2, signature) + _field(3, public_key)
+        out: list[bytes] = []
+        for eid, groups in sorted(by_env.items(), key=lambda kv: min(p for p, _ in kv[1])):
+            head = heads.get(eid)
+            if head is None:
+                continue
+            groups.sort()
+            fields: list[bytes] = []
+            size = len(head)
+            for _, data in groups:
+                f = _field(4, data)
+                if fields and size + len(f) > max_bytes:
+                    out.append(head + b"".join(fields))
+                    fields, size = [], len(head)
+                fields.append(f)
+                size += len(f)
+            if fields:
+                out.append(head + b"".join(fields))
+        return out
+
     def envelopes_for(self, cids: Iterable[bytes], max_bytes: int = EnvelopeLimits.max_envelope_bytes
                       ) -> list[wire.SignedEnvelope]:
-        """Rebuild signed envelopes carrying the requested groups that we store and can relay.
-
-        Groups are gathered under their original envelope; an envelope whose groups would pass
-        max_bytes is split into several (same header and signature, disjoint subsets), each of
-        which a receiver verifies on its own. Unknown ids are skipped.
-        """
-        c = self._conn()
-        by_env: dict[bytes, list[bytes]] = {}
-        for cid in dict.fromkeys(cids):
-            row = c.execute("SELECT envelope_id FROM group_envelope WHERE cid=?", (cid,)).fetchone()
-            if row is not None:
-                by_env.setdefault(row[0], []).append(cid)
-        out: list[wire.SignedEnvelope] = []
-        for eid, env_cids in by_env.items():
-            row = c.execute("SELECT header, signature, public_key FROM envelopes WHERE envelope_id=?",
-                            (eid,)).fetchone()
-            if row is None:
-                continue
-            header, signature, public_key = row
-            base = len(header) + len(signature) + len(public_key) + 16
-            batch: list[pb.RolloutGroup] = []
-            size = base
-            for sg in self.store.get(env_cids):
-                g_size = sg.group.ByteSize() + 6  # field tag and length prefix
-                if batch and size + g_size > max_bytes:
-                    out.append(wire.SignedEnvelope(header=header, signature=signature, public_key=public_key,
-                                                   groups=batch))
-                    batch, size = [], base
-                batch.append(sg.group)
-                size += g_size
-            if batch:
-                out.append(wire.SignedEnvelope(header=header, signature=signature, public_key=public_key,
-                                               groups=batch))
-        return out
+        """`envelope_bytes_for`, parsed."""
+        return [wire.SignedEnvelope.FromString(b) for b in self.envelope_bytes_for(cids, max_bytes)]
 
     def entries_since(self, since_ms: int) -> list[tuple[bytes, int]]:
         """(cid, created_at_ms) of stored groups we can relay, created at or after since_ms.
 
         What this node offers in reconciliation: exactly what Fetch can serve.
         """
-        return self._conn().execute(
-            "SELECT g.cid, g.created_at_ms FROM groups g JOIN group_envelope e ON e.cid = g.cid "
-            "WHERE g.created_at_ms >= ?", (since_ms,)).fetchall()
+        return self._conn().execute(_RELAYABLE, (since_ms,)).fetchall()
 
-    def prune(self) -> int:
-        """Forget envelopes of groups the store no longer holds. Returns group links removed."""
-        with self._write_lock:
-            c = self._conn()
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                n = c.execute("DELETE FROM group_envelope WHERE cid NOT IN (SELECT cid FROM groups)").rowcount
-                c.execute("DELETE FROM envelopes WHERE envelope_id NOT IN "
-                          "(SELECT DISTINCT envelope_id FROM group_envelope)")
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-        return n
+    def _entries_between(self, lo_ms: int, hi_ms: int) -> list[tuple[bytes, int]]:
+        return self._conn().execute(_RELAYABLE + " AND g.created_at_ms < ?", (lo_ms, hi_ms)).fetchall()
 
+    def digests(self, since_ms: int, bucket_ms: int) -> dict[int, rec.Digest]:
+        """reconcile.digests over `entries_since(since_ms)`, from the digests kept in memory when
+        since_ms and bucket_ms are multiples of DIGEST_BUCKET_MS (else by a scan of the window)."""
+        if bucket_ms <= 0 or since_ms % DIGEST_BUCKET_MS or bucket_ms % DIGEST_BUCKET_MS:
+            return rec.digests(self.entries_since(since_ms), since_ms, bucket_ms)
+        with self._refresh_lock:
+            self._refresh()
+            seconds = [(s, d) for s, d in self._digests.items() if s >= since_ms]
+        out: dict[int, rec.Digest] = {}
+        for second, (n, x) in seconds:
+            start = since_ms + (second - since_ms) // bucket_ms * bucket_ms
+            count, xor = out.get(start, (0, 0))
+            out[start] = (count + n, xor ^ x)
+        return out
+
+    def entries_in(self, since_ms: int, bucket_ms: int, starts: Iterable[int]) -> list[tuple[bytes, int]]:
+        """The relayable entries in the given buckets of [since_ms, ...) (reconcile.ids_in_buckets)."""
+        starts = sorted({s for s in starts if s >= since_ms and (s - since_ms) % bucket_ms == 0})
+        if len(starts) > _MAX_RANGE_QUERIES:
+            return list(rec.ids_in_buckets(self.entries_since(since_ms), starts, since_ms, bucket_ms).items())
+        out: list[tuple[bytes, int]] = []
+        for lo, hi in _runs(starts, bucket_ms):
+            out += self._entries_between(lo, hi)
+        return out
+
+    def _touched(self, created: Iterable[int]) -> None:
+        """Store listener: groups created at these times were added, removed or linked."""
+        with self._dirty_lock:
+            if self._dirty is not None:
+                self._dirty.update(t - t % DIGEST_BUCKET_MS for t in created)
+
+    def _refresh(self) -> None:
+        """Bring the per-second digests up to date (caller holds _refresh_lock)."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        try:
+            if dirty is None:
+                self._digests = _second_digests(self.entries_since(_MIN_MS))
+                return
+            for lo, hi in _runs(sorted(dirty), DIGEST_BUCKET_MS):
+                fresh = _second_digests(self._entries_between(lo, hi))
+                for second in range(lo, hi, DIGEST_BUCKET_MS):
+                    if second in fresh:
+                        self._digests[second] = fresh[second]
+                    else:
+                        self._digests.pop(second, None)
+        except BaseException:
+            with self._dirty_lock:  # read them again next time
+                self._dirty = None if dirty is None or self._dirty is None else self._dirty | dirty
+            raise
+
+
+def _second_digests(entries: Iterable[tuple[bytes, int]]) -> dict[int, rec.Digest]:
+    out: dict[int, rec.Digest] = {}
+    for cid, created in entries:
+        second = created - created % DIGEST_BUCKET_MS
+        count, xor = out.get(second, (0, 0))
+        out[second] = (count + 1, xor ^ rec.id_prefix(cid))
+    return out
+
+
+def _runs(starts: Sequence[int], step: int) -> list[tuple[int, int]]:
+    """Sorted bucket starts as [lo, hi) ranges, adjacent buckets merged."""
+    out: list[tuple[int, int]] = []
+    for s in starts:
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + step)
+        else:
+            out.append((s, s + step))
+    return out
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """One length-delimited protobuf field (tag, length, bytes)."""
+    return _encode_varint((number << 3) | 2) + _encode_varint(len(data)) + data
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

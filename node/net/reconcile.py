@@ -13,7 +13,9 @@ of every content id, read as a big-endian uint64). Then:
 The pure functions (`digests`, `differing`, `ids_in_buckets`, `diff`, `respond`) hold the
 whole protocol; `reconcile_with` is the caller's side over a gRPC stub. The responder's side
 is `respond`, which the gRPC service calls. A side offers what it can serve (groups stored
-with their signed envelope), read through `EntrySource.entries_since`.
+with their signed envelope), read through an `EntrySource`. A source that keeps its digests
+itself (`DigestSource`, e.g. EnvelopeIndex) answers phase 1 without listing its entries and
+phase 2 by listing only the differing buckets; any other source is scanned over the window.
 
 This module never touches SQLite or sockets itself, and never fetches groups: it only names
 which ids to fetch.
@@ -36,6 +38,40 @@ class EntrySource(Protocol):
     """Anything that lists the (cid, created_at_ms) it can serve; EnvelopeIndex is one."""
 
     def entries_since(self, since_ms: int) -> list[Entry]: ...
+
+
+class DigestSource(EntrySource, Protocol):
+    """An EntrySource that answers digests and bucket contents itself, without a full scan."""
+
+    def digests(self, since_ms: int, bucket_ms: int) -> dict[int, "Digest"]:
+        """Exactly `digests(self.entries_since(since_ms), since_ms, bucket_ms)`."""
+
+    def entries_in(self, since_ms: int, bucket_ms: int, starts: Iterable[int]) -> list[Entry]:
+        """Exactly the entries of `ids_in_buckets(self.entries_since(since_ms), starts, ...)`."""
+
+
+class _Listed:
+    """A plain list of entries as an EntrySource."""
+
+    def __init__(self, entries: Sequence[Entry]):
+        self.entries = entries
+
+    def entries_since(self, since_ms: int) -> list[Entry]:
+        return [e for e in self.entries if e[1] >= since_ms]
+
+
+def source_digests(source: EntrySource, since_ms: int, bucket_ms: int) -> dict[int, Digest]:
+    """The source's digests over [since_ms, ...)."""
+    if hasattr(source, "digests"):
+        return source.digests(since_ms, bucket_ms)
+    return digests(source.entries_since(since_ms), since_ms, bucket_ms)
+
+
+def source_ids_in(source: EntrySource, starts: Sequence[int], since_ms: int, bucket_ms: int) -> dict[bytes, int]:
+    """The source's entries (cid -> created_at_ms) in the given buckets."""
+    if hasattr(source, "entries_in"):
+        return dict(source.entries_in(since_ms, bucket_ms, starts))
+    return ids_in_buckets(source.entries_since(since_ms), starts, since_ms, bucket_ms)
 
 
 @dataclass(frozen=True)
@@ -118,12 +154,14 @@ def from_proto(buckets: Iterable[wire.BucketDigest]) -> dict[int, Digest]:
     return out
 
 
-def respond(request: wire.ReconcileRequest, entries: Sequence[Entry],
+def respond(request: wire.ReconcileRequest, entries: Sequence[Entry] | EntrySource,
             limits: ReconcileLimits = ReconcileLimits()) -> wire.ReconcileResponse:
     """The responder's answer to either phase. Raises ReconcileError on a request out of bounds.
 
-    A request with detail_starts is phase 2; otherwise phase 1.
+    A request with detail_starts is phase 2; otherwise phase 1. `entries` is a list of entries
+    or an EntrySource.
     """
+    source = _Listed(entries) if isinstance(entries, (list, tuple)) else entries
     since, bucket = request.since_ms, request.bucket_ms
     if bucket < limits.min_bucket_ms:
         raise ReconcileError(f"bucket_ms {bucket} is below the minimum {limits.min_bucket_ms}")
@@ -135,8 +173,8 @@ def respond(request: wire.ReconcileRequest, entries: Sequence[Entry],
         if request.have_ids:
             raise ReconcileError("have_ids without detail_starts")
         return wire.ReconcileResponse(
-            differing_starts=differing(digests(entries, since, bucket), from_proto(request.buckets)))
-    held = ids_in_buckets(entries, request.detail_starts, since, bucket)
+            differing_starts=differing(source_digests(source, since, bucket), from_proto(request.buckets)))
+    held = source_ids_in(source, list(request.detail_starts), since, bucket)
     have = set(request.have_ids)
     missing = sorted((cid for cid in held if cid not in have), key=lambda cid: (-held[cid], cid))
     return wire.ReconcileResponse(missing_ids=missing[:limits.max_missing_ids])
@@ -154,24 +192,23 @@ async def reconcile_with(stub, source: EntrySource, since_ms: int, bucket_ms: in
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    ours = await asyncio.to_thread(source.entries_since, since_ms)
+    ours = await asyncio.to_thread(source_digests, source, since_ms, bucket_ms)
 
     def remaining() -> float:
         return max(0.001, deadline - loop.time())
 
     first = await stub.Reconcile(
-        wire.ReconcileRequest(since_ms=since_ms, bucket_ms=bucket_ms,
-                              buckets=to_proto(digests(ours, since_ms, bucket_ms))),
+        wire.ReconcileRequest(since_ms=since_ms, bucket_ms=bucket_ms, buckets=to_proto(ours)),
         timeout=remaining())
     starts = sorted({s for s in first.differing_starts
                      if s >= since_ms and (s - since_ms) % bucket_ms == 0})[:limits.max_buckets]
     if not starts:
         return []
-    have = ids_in_buckets(ours, starts, since_ms, bucket_ms)
+    have = await asyncio.to_thread(source_ids_in, source, starts, since_ms, bucket_ms)
     have_ids = sorted(have, key=lambda cid: (-have[cid], cid))[:limits.max_have_ids]
     second = await stub.Reconcile(
         wire.ReconcileRequest(since_ms=since_ms, bucket_ms=bucket_ms, have_ids=have_ids, detail_starts=starts),
         timeout=remaining())
-    known = {cid for cid, _ in ours}
-    out = [cid for cid in dict.fromkeys(second.missing_ids) if len(cid) == ID_BYTES and cid not in known]
+    # ids outside the detailed buckets are not checked here; the fetcher skips those it holds
+    out = [cid for cid in dict.fromkeys(second.missing_ids) if len(cid) == ID_BYTES and cid not in have]
     return out[:limits.max_missing_ids]

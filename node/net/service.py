@@ -8,28 +8,45 @@ on the network (start and stop wait for the service itself, with a timeout).
 
 How groups move.
 
-    publish(groups)          caller's thread: sign one envelope per ≤256 groups (make_envelope,
-                             per-origin seq persisted in the store's SQLite file), record it in
-                             the EnvelopeIndex, queue a small Announcement (ids, sizes, our gRPC
-                             endpoint). Full queue: the announcement is dropped and counted;
-                             reconciliation delivers the groups anyway.
-    announcer                gossips queued announcements on ANNOUNCE_TOPIC.
+    publish(groups)          caller's thread: serialize and hash each group once, sign one
+                             envelope per ≤256 groups (envelope.seal; per-origin seq reserved in
+                             blocks in the store's SQLite file), store groups and envelope in one
+                             transaction (EnvelopeIndex.put_own), queue a small Announcement (ids,
+                             sizes, our gRPC endpoint). Full queue: the announcement is dropped
+                             and counted; reconciliation delivers the groups anyway.
+    announcer                gossips queued announcements on ANNOUNCE_TOPIC, at most one message
+                             per `announce_interval_s`: what is published in between goes out
+                             merged, as one message (py-libp2p spends milliseconds of CPU on every
+                             node for every gossip message, whatever its size).
     announcement validator   trio side, per message: size, parse, origin == gossip sender, ids
                              and sizes sane, endpoint syntax, age, exact replay, banned sender.
-    fetchers                 `fetch_concurrency` tasks drain a bounded queue of fetch jobs: the
-                             ids we lack (not stored, not in flight, not settled lately) are
-                             fetched (RolloutsClient.fetch_verified, with a timeout) from the
-                             announcer, checked against replays (SeenEnvelopes) and stored
-                             (EnvelopeIndex.put_verified). A failed fetch is logged;
+    fetchers                 `fetch_concurrency` tasks drain a bounded queue of fetch jobs (jobs
+                             for the same peer merge while they wait: one Fetch for many
+                             announcements). The ids we lack (not stored: one indexed read on the
+                             loop; not in flight; not refused lately) are fetched
+                             (RolloutsClient.fetch_verified, with a timeout) from the announcer,
+                             verified as they arrive, checked against replays (SeenEnvelopes)
+                             and handed to the store writer. A failed fetch is logged;
                              reconciliation retries it later.
+    store writer             one task: whatever verified envelopes queued up meanwhile are written
+                             in one transaction in a worker thread (EnvelopeIndex.put_verified_many).
+                             Their ids count as in flight until the write has finished.
     reconciler               every `reconcile_interval_s`: a random known peer, digests over the
-                             age window (reconcile.py), fetch the difference from that peer.
+                             age window (reconcile.py; both sides keep per-second digests, so an
+                             exchange does not read the store), fetch the difference from that peer.
     peer-info heartbeat      every `peer_info_interval_s` (and soon after a new peer connects):
                              our PeerInfo on PEERS_TOPIC, so silent peers' gRPC endpoints are known.
 
 Every rejection is logged on "rollshare.net" with its reason and counted (`status()["rejected"]`).
 A peer that sends something no honest peer can send (a bad signature, groups it was not asked
 for, ...) is ignored for `ban_s` seconds. Per-origin quotas are the RolloutStore's.
+
+Memory. Everything the service remembers is bounded by a count in NetworkConfig: peers
+(`max_peers`), gRPC channels (`max_clients`), waiting fetch jobs (`fetch_queue` x
+`fetch_job_ids`), envelopes waiting to be written (`store_queue`), announcements waiting
+(`announce_queue`), and the replay memories (`seen_envelopes`, `seen_announcements`,
+`settled_groups`). The envelope index's reconciliation digests hold one entry per second of the
+age window.
 
 Ownership. Every task is created by the service's main coroutine and cancelled by it on stop;
 every network call has a timeout; `stop()` drains: queued announcements gossiped (up to
@@ -49,6 +66,7 @@ import dataclasses
 import hashlib
 import ipaddress
 import logging
+import math
 import random
 import re
 import socket
@@ -62,14 +80,14 @@ from rollshare.net.bridge import TrioGuest
 from rollshare.net.envelope import (
     BAD_PUBLIC_KEY, BAD_SIGNATURE, DUPLICATE_GROUP, GROUP_ORIGIN_MISMATCH, MALFORMED, MALFORMED_HEADER,
     ORIGIN_MISMATCH, REPLAY, SENDER_MISMATCH, UNLISTED_GROUP, UNREQUESTED, EnvelopeIndex, EnvelopeLimits,
-    Rejected, SeenEnvelopes, VerifiedEnvelope, envelope_id, make_envelope)
+    Rejected, SeenEnvelopes, VerifiedEnvelope, envelope_id, seal)
 from rollshare.net.grpc_service import RolloutsClient, RpcFailed, ServerLimits, start_server
 from rollshare.net.grpc_service import stop as stop_server
 from rollshare.net.identity import KeyPair, peer_id_of
 from rollshare.net.p2p import GossipLimits, P2PError, P2PHost, _local_ipv4_addresses
 from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
-from rollshare.store import RolloutStore, now_ms
+from rollshare.store import RolloutStore, SerializedGroup, now_ms
 
 __all__ = ["ANNOUNCE_TOPIC", "PEERS_TOPIC", "GossipRejected", "NetworkConfig", "NetworkError", "NetworkService",
            "check_announcement", "check_peer_info", "valid_endpoint"]
@@ -115,11 +133,19 @@ class NetworkConfig:
     fetch_timeout_s: float = 10.0     # one fetch job, all batches
     fetch_concurrency: int = 4        # fetch jobs running at once
     fetch_queue: int = 1024           # fetch jobs waiting; beyond, dropped (reconciliation retries)
+    fetch_job_ids: int = 4096         # ids one waiting job collects from merged announcements; beyond, dropped
+    store_queue: int = 256            # verified envelopes waiting to be written; fetches wait beyond
     announce_queue: int = 1024        # announcements waiting to be gossiped; beyond, dropped
+    #: at most one announcement message per this interval; publishes in between are merged into
+    #: the next one (a lone publish is gossiped at once)
+    announce_interval_s: float = 0.2
     max_clients: int = 128            # cached gRPC channels to peers
-    seen_envelopes: int = 100_000     # SeenEnvelopes capacity (replay protection)
-    seen_announcements: int = 100_000  # exact announcement payloads remembered (replay protection)
-    settled_groups: int = 131_072     # ids accepted or refused lately: not asked for again
+    # Replay memory, bounded by count (about 170 bytes an entry). A replay older than that is
+    # accepted again and is harmless: the store keeps a group once, a re-announced group we hold
+    # is not fetched, and the age limit and quotas bound what a replayed envelope brings back.
+    seen_envelopes: int = 4096        # SeenEnvelopes capacity: accepted deliveries (~0.7 MB full)
+    seen_announcements: int = 4096    # exact announcement payloads remembered (~0.7 MB full)
+    settled_groups: int = 16_384      # ids refused lately as replays: not asked for again (~3 MB full)
     drain_s: float = 1.0              # on stop: to gossip queued announcements, then for calls in flight
     gossip: GossipLimits = field(default_factory=GossipLimits)
     envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
@@ -223,20 +249,28 @@ def check_peer_info(sender: str, data: bytes) -> wire.PeerInfo:
 class _SeqCounter:
     """Per-origin envelope sequence numbers, in the store's SQLite file (table publish_seq).
 
-    Each number is committed before it is used, so seq keeps increasing across restarts.
+    Numbers are reserved `block` at a time: the table holds the highest number reserved, and it
+    is committed before any number of the block is used, so seq keeps increasing across restarts
+    (a restart skips what was left of the block). One commit per `block` envelopes, not per envelope.
     """
 
-    def __init__(self, path: str, origin: str):
+    def __init__(self, path: str, origin: str, block: int = 64):
         self.origin = origin
+        self.block = block
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.execute("CREATE TABLE IF NOT EXISTS publish_seq (origin TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
+        self._next = self._end = 0  # the next number to hand out; the end of the reserved block
 
     def next(self) -> int:
         with self._lock:
-            return self._conn.execute(
-                "INSERT INTO publish_seq VALUES (?, 1) ON CONFLICT(origin) DO UPDATE SET seq = seq + 1 "
-                "RETURNING seq", (self.origin,)).fetchone()[0]
+            if self._next >= self._end:
+                high = self._conn.execute(
+                    "INSERT INTO publish_seq VALUES (?, ?) ON CONFLICT(origin) DO UPDATE SET seq = seq + ? "
+                    "RETURNING seq", (self.origin, self.block, self.block)).fetchone()[0]
+                self._next, self._end = high - self.block + 1, high + 1
+            self._next += 1
+            return self._next - 1
 
     def close(self) -> None:
         with self._lock:
@@ -283,11 +317,45 @@ class _FetchJob:
     why: str                      # "announcement", "reconcile", "request"
 
 
-def _chunks(groups: Sequence[pb.RolloutGroup], max_groups: int, max_bytes: int) -> Iterable[list[pb.RolloutGroup]]:
-    batch: list[pb.RolloutGroup] = []
+class _FetchQueue:
+    """Fetch jobs waiting for a fetcher. Jobs for the same peer, endpoint, expected sender and
+    reason merge into one while they wait, so a burst of announcements from one peer becomes
+    one Fetch. Bounded: at most `max_jobs` waiting jobs of at most `max_ids` ids each; `put`
+    refuses the rest (reconciliation fetches it later). Loop-thread only.
+    """
+
+    def __init__(self, max_jobs: int, max_ids: int):
+        self.max_jobs, self.max_ids = max_jobs, max_ids
+        self._jobs: collections.OrderedDict[tuple, dict[bytes, None]] = collections.OrderedDict()
+        self._ready = asyncio.Event()
+
+    def put(self, job: _FetchJob) -> bool:
+        """Queue or merge the job; False if (part of) it did not fit."""
+        key = (job.peer, job.endpoint, job.expected_sender, job.why)
+        ids = self._jobs.get(key)
+        if ids is None:
+            if len(self._jobs) >= self.max_jobs:
+                return False
+            ids = self._jobs[key] = {}
+        room = self.max_ids - len(ids)
+        ids.update(dict.fromkeys(job.ids[:room]))
+        self._ready.set()
+        return len(job.ids) <= room
+
+    async def get(self) -> _FetchJob:
+        """The job that waited longest (with everything merged into it)."""
+        while not self._jobs:
+            self._ready.clear()
+            await self._ready.wait()
+        (peer, endpoint, expected_sender, why), ids = self._jobs.popitem(last=False)
+        return _FetchJob(peer, endpoint, tuple(ids), expected_sender, why)
+
+
+def _chunks(items: Sequence[SerializedGroup], max_groups: int, max_bytes: int) -> Iterable[list[SerializedGroup]]:
+    batch: list[SerializedGroup] = []
     size = 0
-    for g in groups:
-        s = g.ByteSize() + 8
+    for g in items:
+        s = len(g.data) + 8
         if batch and (len(batch) >= max_groups or size + s > max_bytes):
             yield batch
             batch, size = [], 0
@@ -295,6 +363,23 @@ def _chunks(groups: Sequence[pb.RolloutGroup], max_groups: int, max_bytes: int) 
         size += s
     if batch:
         yield batch
+
+
+def _merge_announcements(anns: Sequence[wire.Announcement], max_groups: int) -> list[wire.Announcement]:
+    """Our queued announcements as few messages: consecutive ones merge while they list at most
+    max_groups ids together. A merged announcement names the newest envelope it covers."""
+    out: list[wire.Announcement] = []
+    for ann in anns:
+        last = out[-1] if out else None
+        if last is not None and len(last.group_ids) + len(ann.group_ids) <= max_groups:
+            last.group_ids.extend(ann.group_ids)
+            last.sizes.extend(ann.sizes)
+            last.envelope_id, last.round, last.created_at_ms = ann.envelope_id, ann.round, ann.created_at_ms
+        else:
+            merged = wire.Announcement()
+            merged.CopyFrom(ann)
+            out.append(merged)
+    return out
 
 
 def _version() -> str:
@@ -360,7 +445,7 @@ class NetworkService:
         self._connected: set[str] = set()
         self._clients: collections.OrderedDict[str, RolloutsClient] = collections.OrderedDict()
         self._inflight: set[bytes] = set()
-        self._settled = _Lru(config.settled_groups)  # accepted or refused as replays: not fetched again
+        self._settled = _Lru(config.settled_groups)  # refused as replays: not fetched again for a while
         self._seen_envelopes = SeenEnvelopes(config.seen_envelopes)
         self._seen_announcements = _Lru(config.seen_announcements)
         self._background: set[asyncio.Task] = set()
@@ -398,20 +483,20 @@ class NetworkService:
         recorded with their envelope so peers can fetch them; the announcement is queued for
         gossip (dropped and counted if the queue is full: reconciliation delivers anyway).
         """
-        groups = list(groups)
-        for chunk in _chunks(groups, self.cfg.envelope.max_groups, self.cfg.envelope.max_envelope_bytes // 2):
-            env = make_envelope(self.keypair, chunk, policy_id=chunk[0].policy_id, round=int(chunk[0].round),
-                                seq=self._seq.next())
-            self.store.put_many(chunk, origin=self.peer_id)
-            self.index.record(env)
-            header = wire.EnvelopeHeader.FromString(env.header)
-            ann = wire.Announcement(origin=self.peer_id, envelope_id=envelope_id(env), group_ids=header.group_ids,
-                                    sizes=[g.ByteSize() for g in chunk], grpc_endpoint=self.grpc_endpoint,
+        items = [SerializedGroup.of(g) for g in groups]  # serialized and hashed once, for signing and storing
+        for chunk in _chunks(items, self.cfg.envelope.max_groups, self.cfg.envelope.max_envelope_bytes // 2):
+            first = chunk[0].group
+            sealed = seal(chunk, self.keypair, policy_id=first.policy_id, round=int(first.round),
+                          seq=self._seq.next())
+            self.index.put_own(sealed, chunk)
+            header = wire.EnvelopeHeader.FromString(sealed.header)
+            ann = wire.Announcement(origin=self.peer_id, envelope_id=envelope_id(sealed), group_ids=header.group_ids,
+                                    sizes=[len(it.data) for it in chunk], grpc_endpoint=self.grpc_endpoint,
                                     round=header.round, created_at_ms=header.created_at_ms)
             with self._lock:
                 self._counts["groups_out"] += len(chunk)
                 self._counts["envelopes_out"] += 1
-            self._submit(self._enqueue_announcement, ann.SerializeToString())
+            self._submit(self._enqueue_announcement, ann)
 
     def status(self) -> dict:
         """A snapshot for people and status lines (refreshed by the service twice a second)."""
@@ -429,6 +514,8 @@ class NetworkService:
                 "groups_in": self._counts["groups_in"],
                 "envelopes_out": self._counts["envelopes_out"],
                 "envelopes_in": self._counts["envelopes_in"],
+                "announcements_out": self._counts["announcements_out"],
+                "fetches": self._counts["fetches"],
                 "fetch_failures": self._counts["fetch_failures"],
                 "reconciles": self._counts["reconciles"],
                 "rejected": dict(rejected),
@@ -515,11 +602,15 @@ class NetworkService:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # SQLite work off the loop (batched writes, reconciliation digests, big reads); each thread
+        # holds its own connection and page cache, so few threads
         self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix=f"rollshare-db-{self.peer_id[-6:]}"))
+            max_workers=2, thread_name_prefix=f"rollshare-db-{self.peer_id[-6:]}"))
         self._stop_event = asyncio.Event()
-        self._announcements: asyncio.Queue[bytes] = asyncio.Queue(self.cfg.announce_queue)
-        self._fetch_jobs: asyncio.Queue[_FetchJob] = asyncio.Queue(self.cfg.fetch_queue)
+        self._announcements: asyncio.Queue[wire.Announcement] = asyncio.Queue(self.cfg.announce_queue)
+        self._fetch_jobs = _FetchQueue(self.cfg.fetch_queue, self.cfg.fetch_job_ids)
+        self._writes: asyncio.Queue[tuple[VerifiedEnvelope, asyncio.Future[int]]] = asyncio.Queue(
+            self.cfg.store_queue)
         self._reconcile_wake = asyncio.Event()
         self._peer_info_wake = asyncio.Event()
         try:
@@ -536,6 +627,7 @@ class NetworkService:
         self._started.set()
         tasks = [asyncio.create_task(coro, name=name) for name, coro in [
             ("announcer", self._announcer()),
+            ("store-writer", self._store_writer()),
             ("reconciler", self._reconciler()),
             ("peer-info", self._peer_info_loop()),
             ("housekeeping", self._housekeeping()),
@@ -729,10 +821,8 @@ class NetworkService:
 
     def _handle_announcement(self, sender: str, ann: wire.Announcement) -> None:
         self._learn(sender, ann.grpc_endpoint)
-        try:
-            self._fetch_jobs.put_nowait(_FetchJob(sender, ann.grpc_endpoint, tuple(ann.group_ids), sender,
-                                                  "announcement"))
-        except asyncio.QueueFull:
+        if not self._fetch_jobs.put(_FetchJob(sender, ann.grpc_endpoint, tuple(ann.group_ids), sender,
+                                              "announcement")):
             with self._lock:
                 self._dropped["fetch_queue_full"] += 1
 
@@ -766,20 +856,32 @@ class NetworkService:
 
     # ------------------------------------------------------------------------ gossip out
 
-    def _enqueue_announcement(self, data: bytes) -> None:
+    def _enqueue_announcement(self, ann: wire.Announcement) -> None:
         try:
-            self._announcements.put_nowait(data)
+            self._announcements.put_nowait(ann)
         except asyncio.QueueFull:
             with self._lock:
                 self._dropped["announce_queue_full"] += 1
 
     async def _announcer(self) -> None:
+        """Gossip queued announcements, at most one message per announce_interval_s: what queues
+        up meanwhile goes out merged."""
+        loop = asyncio.get_running_loop()
+        last_sent = -math.inf
         while True:
-            data = await self._announcements.get()
+            waiting = [await self._announcements.get()]
             try:
-                await self._gossip(ANNOUNCE_TOPIC, data)
+                await asyncio.sleep(max(0.0, last_sent + self.cfg.announce_interval_s - loop.time()))
+                while not self._announcements.empty():
+                    waiting.append(self._announcements.get_nowait())
+                for ann in _merge_announcements(waiting, self.cfg.envelope.max_groups):
+                    await self._gossip(ANNOUNCE_TOPIC, ann.SerializeToString())
+                    with self._lock:
+                        self._counts["announcements_out"] += 1
+                last_sent = loop.time()
             finally:
-                self._announcements.task_done()
+                for _ in waiting:
+                    self._announcements.task_done()
 
     async def _gossip(self, topic: str, data: bytes, raise_errors: bool = False) -> None:
         try:
@@ -835,21 +937,24 @@ class NetworkService:
             except Exception:
                 log.exception("fetch from %s failed unexpectedly", job.endpoint)
 
-    def _missing(self, ids: Sequence[bytes]) -> list[bytes]:
-        """Ids we do not hold (runs in the executor: SQLite)."""
-        return [cid for cid in dict.fromkeys(ids) if not self.store.has(cid)]
-
     async def _fetch(self, job: _FetchJob, timeout: float | None = None) -> int:
-        """Fetch what we lack of job.ids from job.endpoint, verify, store. Returns groups new to us."""
+        """Fetch what we lack of job.ids from job.endpoint, verify, store. Returns groups new to us.
+
+        Envelopes are verified here as they arrive and handed to the store writer; the ids stay
+        in flight (not fetched again by anyone) until their write has finished.
+        """
         if job.peer and self._banned(job.peer):
             return 0
-        # _settled closes the race with a fetch that stored these ids after _missing looked
-        want = [cid for cid in await asyncio.to_thread(self._missing, job.ids)
+        want = [cid for cid in dict.fromkeys(job.ids)
                 if cid not in self._inflight and (job.why == "request" or cid not in self._settled)]
+        # one indexed SQLite read on the loop: cheaper than a hand-off to a thread
+        want = self.store.missing(want) if want else want
         if not want:
             return 0
         self._inflight.update(want)
-        new = 0
+        with self._lock:
+            self._counts["fetches"] += 1
+        writes: list[asyncio.Future[int]] = []
         try:
             client = self._client(job.endpoint)
             stream = client.fetch_verified(want, self.cfg.fetch_timeout_s if timeout is None else timeout,
@@ -857,28 +962,59 @@ class NetworkService:
                                            on_reject=lambda r: self._reject_envelope(r, job))
             async with contextlib.aclosing(stream):
                 async for verified in stream:
-                    new += await self._accept(verified, job)
+                    write = await self._accept(verified, job)
+                    if write is not None:
+                        writes.append(write)
         except RpcFailed as e:
             with self._lock:
                 self._counts["fetch_failures"] += 1
             log.info("fetch of %d groups (%s) failed: %s", len(want), job.why, e)
         finally:
-            self._inflight.difference_update(want)
-        return new
+            try:
+                done = await asyncio.gather(*writes, return_exceptions=True)
+            finally:
+                self._inflight.difference_update(want)
+        return sum(n for n in done if isinstance(n, int))
 
-    async def _accept(self, verified: VerifiedEnvelope, job: _FetchJob) -> int:
-        for cid in verified.cids:
-            self._settled.add(cid)
+    async def _accept(self, verified: VerifiedEnvelope, job: _FetchJob) -> asyncio.Future[int] | None:
+        """Replay check, then queue the write; a future of the number of groups new to us."""
         if not self._seen_envelopes.add(verified):
+            for cid in verified.cids:  # we lack them (evicted), but this delivery was taken before
+                self._settled.add(cid)
             self._reject_envelope(Rejected(REPLAY, f"envelope {verified.envelope_id.hex()[:16]} from "
                                                    f"{verified.origin} with these groups was accepted before"), job)
-            return 0
-        results = await asyncio.to_thread(self.index.put_verified, verified)
-        new = sum(1 for _, is_new in results if is_new)
-        with self._lock:
-            self._counts["groups_in"] += new
-            self._counts["envelopes_in"] += 1
-        return new
+            return None
+        written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self._writes.put((verified, written))
+        return written
+
+    async def _store_writer(self) -> None:
+        """Write verified envelopes: everything queued meanwhile goes into one transaction, in a thread."""
+        batch: list[tuple[VerifiedEnvelope, asyncio.Future[int]]] = []
+        try:
+            while True:
+                batch = [await self._writes.get()]
+                while not self._writes.empty():
+                    batch.append(self._writes.get_nowait())
+                try:
+                    results = await asyncio.to_thread(self.index.put_verified_many, [v for v, _ in batch])
+                except Exception as e:
+                    log.error("could not store %d fetched envelopes: %r", len(batch), e)
+                    for _, written in batch:
+                        written.set_result(0)
+                    continue
+                new = [sum(1 for _, is_new in r if is_new) for r in results]
+                with self._lock:
+                    self._counts["groups_in"] += sum(new)
+                    self._counts["envelopes_in"] += len(batch)
+                for (_, written), n in zip(batch, new):
+                    written.set_result(n)
+                batch = []
+        finally:  # stopping: nobody waits for writes that will not happen
+            while not self._writes.empty():
+                batch.append(self._writes.get_nowait())
+            for _, written in batch:
+                written.cancel()
 
     def _reject_envelope(self, r: Rejected, job: _FetchJob) -> None:
         with self._lock:
@@ -907,7 +1043,9 @@ class NetworkService:
             self._reconcile_wake.clear()
 
     async def _reconcile_once(self, peer_id: str, peer: _Peer) -> None:
+        # bucket edges on multiples of the bucket size: both sides answer from their kept digests
         since = now_ms() - self.window_ms
+        since -= since % self.cfg.reconcile_bucket_ms
         try:
             ids = await self._client(peer.endpoint).reconcile(self.index, since, self.cfg.reconcile_bucket_ms,
                                                               timeout=self.cfg.rpc_timeout_s)
