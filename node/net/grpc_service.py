@@ -5,8 +5,9 @@ Bulk movement of rollout groups runs over gRPC (libp2p only carries small announ
 - Fetch: the caller names up to `max_fetch_ids` (1024) content ids; the server streams signed
   envelopes (see envelope.py) carrying the groups it holds, split to fit the message cap, and
   stops when the caller's deadline has passed. Envelopes are sent as the index builds them from
-  stored bytes (no parse, no re-encoding); small requests are read on the event loop, since a
-  hand-off to a worker thread costs more than the read.
+  stored bytes (no parse, no re-encoding), `fetch_read_ids` ids at a time on the event loop: a
+  hand-off to a worker thread costs more than such a read, and memory stays bounded however
+  many ids are asked for.
 - Reconcile: both phases of reconcile.py's protocol, answered from what this node can serve.
 - Info / Status: whatever the node's callbacks return (UNIMPLEMENTED when none is given).
 
@@ -50,9 +51,9 @@ class ServerLimits:
     max_concurrent_streams: int = 32     # HTTP/2 streams per connection
     max_concurrent_rpcs: int = 128       # whole server; beyond this calls fail RESOURCE_EXHAUSTED
     max_fetch_ids: int = 1024            # ids per FetchRequest (wire.proto)
-    #: Fetch requests of at most this many ids are read from SQLite on the event loop (well under
-    #: a millisecond); larger ones in a worker thread, so the loop never stalls on a big read
-    inline_fetch_ids: int = 64
+    #: Fetch reads the requested groups from SQLite this many ids at a time, on the event loop,
+    #: as it streams them (about a millisecond a step for 10 KB groups)
+    fetch_read_ids: int = 64
     envelope_bytes: int = EnvelopeLimits.max_envelope_bytes  # Fetch splits envelopes to fit
     reconcile: rec.ReconcileLimits = field(default_factory=rec.ReconcileLimits)
 
@@ -88,15 +89,13 @@ class RolloutsServicer(wire_grpc.RolloutsServicer):
         if any(len(i) != rec.ID_BYTES for i in ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group ids are {rec.ID_BYTES}-byte sha256 digests")
         read = getattr(self.index, "envelope_bytes_for", None) or self.index.envelopes_for
-        if len(ids) <= self.limits.inline_fetch_ids:
-            envelopes = read(ids, self.limits.envelope_bytes)
-        else:
-            envelopes = await asyncio.to_thread(read, ids, self.limits.envelope_bytes)
-        for env in envelopes:
-            left = context.time_remaining()
-            if left is not None and left <= 0:
-                return  # the caller has given up; gRPC reports DEADLINE_EXCEEDED to it
-            yield env
+        step = self.limits.fetch_read_ids
+        for i in range(0, len(ids), step):
+            for env in read(ids[i:i + step], self.limits.envelope_bytes):
+                left = context.time_remaining()
+                if left is not None and left <= 0:
+                    return  # the caller has given up; gRPC reports DEADLINE_EXCEEDED to it
+                yield env
 
     async def Reconcile(self, request: wire.ReconcileRequest, context: grpc.aio.ServicerContext):
         try:

@@ -34,8 +34,10 @@ How groups move.
     reconciler               every `reconcile_interval_s`: a random known peer, digests over the
                              age window (reconcile.py; both sides keep per-second digests, so an
                              exchange does not read the store), fetch the difference from that peer.
-    peer-info heartbeat      every `peer_info_interval_s` (and soon after a new peer connects):
-                             our PeerInfo on PEERS_TOPIC, so silent peers' gRPC endpoints are known.
+    peer-info heartbeat      every `peer_info_interval_s` in which we announced nothing (an
+                             announcement carries our endpoint too), and soon after a new peer
+                             connects: our PeerInfo on PEERS_TOPIC, so silent peers' gRPC
+                             endpoints are known.
 
 Every rejection is logged on "rollshare.net" with its reason and counted (`status()["rejected"]`).
 A peer that sends something no honest peer can send (a bad signature, groups it was not asked
@@ -134,7 +136,7 @@ class NetworkConfig:
     fetch_concurrency: int = 4        # fetch jobs running at once
     fetch_queue: int = 1024           # fetch jobs waiting; beyond, dropped (reconciliation retries)
     fetch_job_ids: int = 4096         # ids one waiting job collects from merged announcements; beyond, dropped
-    store_queue: int = 256            # verified envelopes waiting to be written; fetches wait beyond
+    store_queue: int = 32             # verified envelopes waiting to be written; fetches wait beyond
     announce_queue: int = 1024        # announcements waiting to be gossiped; beyond, dropped
     #: at most one announcement message per this interval; publishes in between are merged into
     #: the next one (a lone publish is gossiped at once)
@@ -450,6 +452,7 @@ class NetworkService:
         self._seen_announcements = _Lru(config.seen_announcements)
         self._background: set[asyncio.Task] = set()
         self._last_peer_info = 0.0
+        self._last_announced = -math.inf  # time.monotonic() of our last announcement gossiped
 
     # ================================================================= sync API (any thread)
 
@@ -879,6 +882,7 @@ class NetworkService:
                     with self._lock:
                         self._counts["announcements_out"] += 1
                 last_sent = loop.time()
+                self._last_announced = time.monotonic()
             finally:
                 for _ in waiting:
                     self._announcements.task_done()
@@ -904,8 +908,14 @@ class NetworkService:
         while True:
             self._last_peer_info = time.monotonic()
             await self._gossip(PEERS_TOPIC, self._peer_info_pb().SerializeToString())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._peer_info_wake.wait(), self.cfg.peer_info_interval_s)
+            while True:  # until a new peer arrives, or a period passes in which we announced nothing
+                try:
+                    await asyncio.wait_for(self._peer_info_wake.wait(), self.cfg.peer_info_interval_s)
+                    break
+                except TimeoutError:
+                    # our announcements carry our endpoint and keep us heard of: no heartbeat needed
+                    if time.monotonic() - self._last_announced >= self.cfg.peer_info_interval_s:
+                        break
             self._peer_info_wake.clear()
             # at most one early heartbeat per second, however many peers arrive
             await asyncio.sleep(max(0.0, self._last_peer_info + 1.0 - time.monotonic()))
