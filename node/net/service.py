@@ -1008,17 +1008,16 @@ class NetworkService:
                     batch.append(self._writes.get_nowait())
                 try:
                     results = await asyncio.to_thread(self.index.put_verified_many, [v for v, _ in batch])
+                    new = [sum(1 for _, is_new in r if is_new) for r in results]
+                    with self._lock:
+                        self._counts["groups_in"] += sum(new)
+                        self._counts["envelopes_in"] += len(batch)
                 except Exception as e:
                     log.error("could not store %d fetched envelopes: %r", len(batch), e)
-                    for _, written in batch:
-                        written.set_result(0)
-                    continue
-                new = [sum(1 for _, is_new in r if is_new) for r in results]
-                with self._lock:
-                    self._counts["groups_in"] += sum(new)
-                    self._counts["envelopes_in"] += len(batch)
+                    new = [0] * len(batch)
                 for (_, written), n in zip(batch, new):
-                    written.set_result(n)
+                    if not written.done():  # its fetch may have been cancelled meanwhile
+                        written.set_result(n)
                 batch = []
         finally:  # stopping: nobody waits for writes that will not happen
             while not self._writes.empty():
