@@ -19,7 +19,7 @@ import pytest
 from rollshare.net.envelope import envelope_id, make_envelope
 from rollshare.net.identity import load_or_create_identity
 from rollshare.net.service import (ANNOUNCE_TOPIC, GossipRejected, NetworkConfig, NetworkError, NetworkService,
-                                   check_announcement, check_peer_info, valid_endpoint)
+                                   check_announcement, check_peer_info, dialable_addrs, valid_endpoint)
 from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
 from rollshare.store import RolloutStore, content_id, now_ms
@@ -128,6 +128,16 @@ def test_announcement_check_names_each_fault():
         [True, True, True, False, False, False]
 
 
+def test_peer_exchange_dials_only_addresses_that_name_the_gossiping_peer():
+    me = "12D3KooW" + "A" * 44
+    other = "12D3KooW" + "B" * 44
+    addrs = [f"/ip4/10.0.0.1/tcp/4101/p2p/{me}", f"/ip4/10.0.0.2/tcp/4101/p2p/{other}",  # someone else
+             f"/dns4/evil.example/tcp/80/p2p/{me}", f"/ip4/10.0.0.1/udp/4101/p2p/{me}",      # not IP + TCP
+             f"/ip4/10.0.0.1/tcp/4101/p2p/{me}/extra", f"/ip6/::1/tcp/4101/p2p/{me}"]
+    assert dialable_addrs(me, addrs) == [addrs[0], addrs[5]]
+    assert len(dialable_addrs(me, [f"/ip4/10.0.0.{i}/tcp/1/p2p/{me}" for i in range(1, 30)])) == 4
+
+
 # ----------------------------------------------------------------------------- the swarm
 
 
@@ -140,6 +150,14 @@ def test_every_member_receives_every_group_the_others_publish(swarm):
         s = m.status()
         assert (s["groups_out"], s["groups_in"]) == (3, 6)
         assert s["peers"] >= 1 and s["rejected"] == {}
+
+
+def test_members_that_only_know_the_bootstrap_node_connect_to_each_other_by_peer_exchange(swarm):
+    b, c = swarm.members["b"], swarm.members["c"]
+    # b and c were each given only a's address; c's peer info, relayed by a, tells b where c listens
+    wait_until(lambda: c.peer_id in b.status()["connected"] and b.peer_id in c.status()["connected"],
+               "b and c to dial each other")
+    assert b.status()["dials"] + c.status()["dials"] >= 1
 
 
 def test_late_joiner_bootstrapped_by_grpc_address_catches_up_by_reconciliation(swarm):

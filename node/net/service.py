@@ -38,6 +38,11 @@ How groups move.
                              announcement carries our endpoint too), and soon after a new peer
                              connects: our PeerInfo on PEERS_TOPIC, so silent peers' gRPC
                              endpoints are known.
+    peer exchange            on a PeerInfo from a peer we hold no connection to, while we hold
+                             fewer than `target_peers`: dial it (only addresses naming its own
+                             peer id, one try per `dial_backoff_s`, `max_dials` at once), so
+                             nodes that were given one bootstrap address end up meshed with
+                             each other and the swarm outlives its bootstrap node.
 
 Every rejection is logged on "rollshare.net" with its reason and counted (`status()["rejected"]`).
 A peer that sends something no honest peer can send (a bad signature, groups it was not asked
@@ -92,7 +97,7 @@ from rollshare.proto import wire_pb2 as wire
 from rollshare.store import RolloutStore, SerializedGroup, now_ms
 
 __all__ = ["ANNOUNCE_TOPIC", "PEERS_TOPIC", "GossipRejected", "NetworkConfig", "NetworkError", "NetworkService",
-           "check_announcement", "check_peer_info", "valid_endpoint"]
+           "check_announcement", "check_peer_info", "dialable_addrs", "valid_endpoint"]
 
 log = logging.getLogger("rollshare.net")
 
@@ -129,6 +134,12 @@ class NetworkConfig:
     peer_info_interval_s: float = 5.0
     peer_ttl_s: float = 60.0          # a peer not heard from for this long is not reconciled with
     max_peers: int = 1024             # peer table size; the least recently seen go first
+    #: peer exchange: while we hold fewer libp2p connections than this, dial peers we hear of
+    #: in peer info gossip (so the swarm does not hang off its bootstrap node alone)
+    target_peers: int = 8
+    dial_timeout_s: float = 5.0       # one dial of a peer learned from gossip
+    dial_backoff_s: float = 30.0      # at most one dial attempt per peer per this long
+    max_dials: int = 2                # dials in flight at once
     max_reconcile_failures: int = 3   # consecutive failures before a peer is forgotten
     ban_s: float = 60.0               # ignore a peer that sent something dishonest
     rpc_timeout_s: float = 5.0        # Info and Reconcile calls
@@ -227,6 +238,8 @@ def check_announcement(sender: str, data: bytes, limits: EnvelopeLimits = Envelo
 
 
 _MAX_MULTIADDRS, _MAX_TEXT = 32, 256
+#: a multiaddr we would dial: IP address, TCP port, and the peer id it must prove in the handshake
+_DIALABLE = re.compile(r"^/(ip4/[0-9.]{7,15}|ip6/[0-9A-Fa-f:.]{2,45})/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]{32,64}$")
 
 
 def check_peer_info(sender: str, data: bytes) -> wire.PeerInfo:
@@ -244,6 +257,11 @@ def check_peer_info(sender: str, data: bytes) -> wire.PeerInfo:
     if max(len(info.model), len(info.hardware), len(info.version)) > _MAX_TEXT:
         raise GossipRejected("field_too_long", "model, hardware or version")
     return info
+
+
+def dialable_addrs(peer_id: str, multiaddrs: Sequence[str], limit: int = 4) -> list[str]:
+    """The addresses of a gossiped PeerInfo we would dial: IP + TCP + exactly that peer's id, a few."""
+    return [a for a in dict.fromkeys(multiaddrs) if _DIALABLE.match(a) and a.endswith(f"/p2p/{peer_id}")][:limit]
 
 
 # ----------------------------------------------------------------------------- small parts
@@ -308,6 +326,7 @@ class _Peer:
     failures: int = 0             # consecutive failed reconciliations
     banned_until: float = 0.0
     info: wire.PeerInfo | None = None
+    next_dial: float = 0.0        # time.monotonic() before which we do not dial it again
 
 
 @dataclass(frozen=True)
@@ -426,7 +445,7 @@ class NetworkService:
         self._counts: collections.Counter[str] = collections.Counter()   # groups_out, groups_in, ...
         self._rejected: collections.Counter[str] = collections.Counter()  # fetch-level reasons
         self._dropped: collections.Counter[str] = collections.Counter()   # work we let go (queues full)
-        self._snapshot: dict[str, Any] = {"peers": 0, "known_peers": 0, "gossip_rejected": {}}
+        self._snapshot: dict[str, Any] = {"peers": 0, "connected": [], "known_peers": 0, "gossip_rejected": {}}
         self.grpc_endpoint = ""
         self.multiaddrs: list[str] = []
 
@@ -451,6 +470,7 @@ class NetworkService:
         self._seen_envelopes = SeenEnvelopes(config.seen_envelopes)
         self._seen_announcements = _Lru(config.seen_announcements)
         self._background: set[asyncio.Task] = set()
+        self._dialing = 0  # peer-exchange dials in flight
         self._last_peer_info = 0.0
         self._last_announced = -math.inf  # time.monotonic() of our last announcement gossiped
 
@@ -521,6 +541,7 @@ class NetworkService:
                 "fetches": self._counts["fetches"],
                 "fetch_failures": self._counts["fetch_failures"],
                 "reconciles": self._counts["reconciles"],
+                "dials": self._counts["dials"],
                 "rejected": dict(rejected),
                 "dropped": dict(self._dropped),
             }
@@ -830,7 +851,51 @@ class NetworkService:
                 self._dropped["fetch_queue_full"] += 1
 
     def _handle_peer_info(self, sender: str, info: wire.PeerInfo) -> None:
-        self._learn(sender, info.grpc_endpoint).info = info
+        peer = self._learn(sender, info.grpc_endpoint)
+        peer.info = info
+        self._maybe_dial(sender, peer, info)
+
+    # ------------------------------------------------------------------- peer exchange
+
+    def _maybe_dial(self, peer_id: str, peer: _Peer, info: wire.PeerInfo) -> None:
+        """Dial a peer we heard of through gossip (relayed by others), while we have few connections.
+
+        Only addresses that name the peer itself (/ip4|ip6/HOST/tcp/PORT/p2p/<its id>) are tried,
+        a handful at most, one attempt per peer per dial_backoff_s, max_dials at once: a hostile
+        peer info can make us try a few wrong addresses now and then, and the Noise handshake
+        refuses any host that is not that peer.
+        """
+        now = time.monotonic()
+        if (peer_id == self.peer_id or self._dialing >= self.cfg.max_dials or now < peer.next_dial
+                or self._banned(peer_id) or self._host is None):
+            return
+        connected = self._host.peers()
+        if peer_id in connected or len(connected) >= self.cfg.target_peers:
+            return
+        addrs = dialable_addrs(peer_id, info.multiaddrs)
+        if not addrs:
+            return
+        peer.next_dial = now + self.cfg.dial_backoff_s
+        self._dialing += 1
+        self._spawn(self._dial(peer_id, addrs))
+
+    async def _dial(self, peer_id: str, addrs: list[str]) -> None:
+        try:
+            for addr in addrs:
+                t = self.cfg.dial_timeout_s
+                try:
+                    await self._guest.call(self._host.connect, addr, t, timeout=t + 1.0)
+                except (P2PError, TimeoutError) as e:
+                    log.debug("peer exchange: %s", e)
+                    continue
+                with self._lock:
+                    self._counts["dials"] += 1
+                log.info("peer exchange: connected to %s at %s", peer_id, addr)
+                return
+            with self._lock:
+                self._dropped["dial_failed"] += 1
+        finally:
+            self._dialing -= 1
 
     def _peer(self, peer_id: str) -> _Peer:
         p = self._peers.get(peer_id)
@@ -1090,7 +1155,8 @@ class NetworkService:
             for (_, reason), n in list(self._host.rejected.items()):
                 gossip_rejected[reason] += n
         with self._lock:
-            self._snapshot = {"peers": len(connected), "known_peers": sum(1 for p in self._peers.values() if p.endpoint),
+            self._snapshot = {"peers": len(connected), "connected": sorted(connected),
+                              "known_peers": sum(1 for p in self._peers.values() if p.endpoint),
                               "gossip_rejected": dict(gossip_rejected)}
 
     # --------------------------------------------------------------------- gRPC callbacks
