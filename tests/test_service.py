@@ -160,6 +160,20 @@ def test_members_that_only_know_the_bootstrap_node_connect_to_each_other_by_peer
     assert b.status()["dials"] + c.status()["dials"] >= 1
 
 
+def test_swarm_outlives_its_bootstrap_node(tmp_path):
+    s = Swarm(tmp_path)
+    try:
+        a = s.add("a")
+        b = s.add("b", bootstrap=(a.multiaddrs[0],))
+        c = s.add("c", bootstrap=(a.multiaddrs[0],))
+        wait_until(lambda: c.peer_id in b.status()["connected"], "b and c to meet by peer exchange")
+        a.stop()
+        s.publish(b, [1, 2])
+        wait_until(lambda: held(c) >= s.published, "b's groups on c with the bootstrap node gone")
+    finally:
+        s.stop()
+
+
 def test_late_joiner_bootstrapped_by_grpc_address_catches_up_by_reconciliation(swarm):
     a, b = swarm.members["a"], swarm.members["b"]
     swarm.publish(b, [50, 51])
