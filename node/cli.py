@@ -45,6 +45,13 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     g.add_argument("--json-log", help="append one JSON object per round to this file")
     g.add_argument("--status", choices=["auto", "line", "off"], help="live status line (default auto)")
+    g.add_argument("--gen-method", help="generation method: auto (the selector picks each round, learning from "
+                                        "`rollshare bench accel` and its own rounds) or a method name such as policy, "
+                                        f"hf-default (default {d.gen_method})")
+    g.add_argument("--gen-history", help="measurement history of the selector (default <data-dir>/accel/history.jsonl)")
+    g.add_argument("--allow-lossy-rollouts", action="store_true", default=None,
+                   help="let lossy methods (int8, half precision) generate training rollouts, within a measured "
+                        "divergence bound (default: lossless methods only)")
 
 
 def _add_network_flags(p: argparse.ArgumentParser) -> None:
@@ -280,6 +287,8 @@ BENCHES = {
     "learn": "rollshare.bench.learn",
     "train": "rollshare.bench.train",
     "gossip": "rollshare.bench.gossip",
+    "accel": "rollshare.bench.accel",
+    "selector": "rollshare.bench.selector",
 }
 
 

@@ -48,6 +48,10 @@ class NodeConfig:
     max_new_tokens: int = 5
     temperature: float = 1.0
     reward_fn: str = ""  # "module:function" with TRL's signature, replaces the verifier
+    # generation method (rollshare.accel): "auto" = the selector picks each round, or a method name
+    gen_method: str = "auto"
+    gen_history: str = ""  # measurement history ("" = <data_dir>/accel/history.jsonl)
+    allow_lossy_rollouts: bool = False  # lossy methods (int8, half precision) may generate training rollouts
     # GRPO
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -115,6 +119,10 @@ class NodeConfig:
                                   "'smollm2', nor an existing model directory")
             if not (p / "config.json").is_file():
                 raise ConfigError(f"--model {p} has no config.json; point it at a directory written by save_pretrained")
+        from rollshare.accel.methods import REGISTRY
+
+        if self.gen_method != "auto" and self.gen_method not in REGISTRY:
+            raise ConfigError(f"--gen-method must be 'auto' or one of {', '.join(REGISTRY)}, got {self.gen_method!r}")
         if self.reward_fn and ":" not in self.reward_fn:
             raise ConfigError(f"--reward-fn must look like 'package.module:function', got {self.reward_fn!r}")
         d = Path(self.data_dir).expanduser()

@@ -127,6 +127,7 @@ class Node:
         if cfg.beta > 0:
             raise ConfigError("--beta > 0 needs a reference model, which this node does not keep yet; use --beta 0")
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+        self.generation = self._generation_picker()
         self.origin = origin
         self.drawer = TaskDrawer(self.mix, seed=cfg.seed, style=cfg.prompt_style)
         self.store = RolloutStore(self.data_dir / "rollouts.db", self_origin=origin)
@@ -178,11 +179,27 @@ class Node:
         self.rewards.extend(state.get("rewards", []))
         self.log(f"resumed from {ck.path.name} (round {self.round})")
 
+    def _generation_picker(self):
+        """The generation method of each round: chosen by the selector (auto) or fixed by --gen-method."""
+        from rollshare.accel.methods import MethodError
+        from rollshare.accel.history import History
+        from rollshare.accel.runtime import GenerationPicker, history_path
+        from rollshare.accel.selector import GuardPolicy
+
+        cfg = self.cfg
+        try:
+            return GenerationPicker(self.policy, cfg.gen_method, History(history_path(self.data_dir, cfg.gen_history)),
+                                    GuardPolicy(allow_lossy=cfg.allow_lossy_rollouts), horizon_rounds=cfg.rounds,
+                                    seed=cfg.seed, log=self.log,
+                                    probe_prompts=[t.prompt for t in TaskDrawer(self.mix, seed=1).draw(4)])
+        except MethodError as e:
+            raise ConfigError(str(e)) from None
+
     # ------------------------------------------------------------- the round
     def generate_groups(self, tasks: Sequence[Task]) -> list[ScoredGroup]:
         cfg = self.cfg
-        samples = self.policy.generate([t.prompt for t in tasks], cfg.group_size, cfg.max_new_tokens,
-                                       cfg.temperature)
+        samples = self.generation.generate([t.prompt for t in tasks], cfg.group_size, cfg.max_new_tokens,
+                                           cfg.temperature)
         return [ScoredGroup(t, s, score_group(t, [x.text for x in s], self.reward_fn)) for t, s in zip(tasks, samples)]
 
     def build_batch(self, own: Sequence[ScoredGroup], shared: Sequence[SharedGroup]) -> TrainBatch:
@@ -234,6 +251,7 @@ class Node:
             "groups_used": batch.groups_used,
             "groups_dropped": batch.groups_dropped,
             "shared_groups": len(shared),
+            "method": self.generation.last_method,
             "time": time.time(),
         }
         self.last = m
