@@ -185,8 +185,12 @@ def _start_network(cfg: NodeConfig, node, keypair, log):
     net_cfg = NetworkConfig(listen_host=cfg.listen_host, p2p_port=cfg.p2p_port, grpc_port=cfg.grpc_port,
                             advertise_host=cfg.advertise_host, bootstrap=tuple(cfg.bootstrap), mdns=cfg.mdns,
                             reconcile_interval_s=cfg.reconcile_interval_s)
+    from rollshare.net.perf_records import PerfExchange
+
+    perf = PerfExchange(keypair, node.generation.history)  # our measurements out, peers' into our history
     net = NetworkService(node.store, keypair, net_cfg, metrics=lambda: node.last or {"round": node.round},
-                         model=node.policy.name, hardware=_hardware_summary())
+                         model=node.policy.name, hardware=_hardware_summary(), perf=perf)
+    node.generation.share_with(perf)
     try:
         net.start()
     except NetworkError as e:

@@ -57,6 +57,7 @@ class GenerationPicker:
         self.last_explore = False
         self.rounds = 0
         self.failures: dict[str, str] = {}
+        self.sink: Callable[[list[dict]], None] | None = None  # where our records are also shared (the swarm)
         feasible = [m for m, why in feasible_methods(policy, self.ctx).items() if why is None]
         if method != "auto" and method not in feasible:
             raise MethodError(f"--gen-method {method} is not feasible here: "
@@ -122,10 +123,20 @@ class GenerationPicker:
         if self.history is None:
             return
         try:
-            self.history.append(make_record(method, status, feats, source="node",
-                                            lossless=REGISTRY[method].lossless, **kw))
+            rec = make_record(method, status, feats, source="node", lossless=REGISTRY[method].lossless, **kw)
+            self.history.append(rec)
         except (OSError, HistoryError) as e:
             print(f"warning: cannot append to {self.history.path}: {e}", file=sys.stderr)
+            return
+        if self.sink is not None:
+            self.sink([rec])
+
+    def share_with(self, exchange, recent: int = 192) -> None:
+        """Share our future records, and the most recent `recent` of this machine's, with the swarm."""
+        self.sink = exchange.share
+        if self.history is not None:
+            own = [r for r in self.history.records() if r.get("source") in ("bench", "node")]
+            exchange.share(own[-recent:])
 
 
 def history_path(data_dir: Path, configured: str = "") -> Path:

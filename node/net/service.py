@@ -424,8 +424,10 @@ class NetworkService:
     """
 
     def __init__(self, store: RolloutStore, keypair: KeyPair, config: NetworkConfig = NetworkConfig(), *,
-                 metrics: Callable[[], dict] | None = None, model: str = "", hardware: str = ""):
+                 metrics: Callable[[], dict] | None = None, model: str = "", hardware: str = "",
+                 perf: Any = None):
         self.store = store
+        self.perf = perf  # a rollshare.net.perf_records.PerfExchange: perf records on their own topic
         self.keypair = keypair
         self.cfg = config
         self.peer_id = peer_id_of(keypair)
@@ -655,6 +657,7 @@ class NetworkService:
             ("reconciler", self._reconciler()),
             ("peer-info", self._peer_info_loop()),
             ("housekeeping", self._housekeeping()),
+            *([("perf", self.perf.run(self._gossip))] if self.perf is not None else []),
             *[(f"fetcher-{i}", self._fetcher()) for i in range(self.cfg.fetch_concurrency)],
         ]]
         stop = asyncio.create_task(self._stop_event.wait())
@@ -696,6 +699,11 @@ class NetworkService:
         self._host.set_validator(PEERS_TOPIC, self._validate_peer_info)
         await self._guest.call(self._host.subscribe, ANNOUNCE_TOPIC, self._on_announcement)
         await self._guest.call(self._host.subscribe, PEERS_TOPIC, self._on_peer_info)
+        if self.perf is not None:
+            from rollshare.net.perf_records import PERF_TOPIC
+
+            self._host.set_validator(PERF_TOPIC, self.perf.validate)
+            await self._guest.call(self._host.subscribe, PERF_TOPIC, self.perf.on_message)
         await self._bootstrap()
 
     async def _close(self) -> None:
