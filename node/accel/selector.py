@@ -70,22 +70,17 @@ def _fit_tree(X: np.ndarray, g: np.ndarray, depth: int, min_leaf: int) -> _Tree:
         n = len(idx)
         if d >= depth or n < 2 * min_leaf:
             return k
-        best_gain, best = 1e-12, None
         gi = g[idx]
-        base = gi.sum() ** 2 / n
-        for j in range(X.shape[1]):
-            xs = X[idx, j]
-            order = np.argsort(xs, kind="stable")
-            xs_s, cs = xs[order], np.cumsum(gi[order])
-            nl = np.arange(1, n)
-            ok = (xs_s[1:] > xs_s[:-1]) & (nl >= min_leaf) & (n - nl >= min_leaf)
-            if not ok.any():
-                continue
-            gain = cs[:-1] ** 2 / nl + (cs[-1] - cs[:-1]) ** 2 / (n - nl) - base
-            gain = np.where(ok, gain, -np.inf)
-            i = int(np.argmax(gain))
-            if gain[i] > best_gain:
-                best_gain, best = float(gain[i]), (j, float((xs_s[i] + xs_s[i + 1]) / 2))
+        xs = X[idx]  # (n, F): all features at once
+        order = np.argsort(xs, axis=0, kind="stable")
+        xs_s = np.take_along_axis(xs, order, axis=0)
+        cs = np.cumsum(gi[order], axis=0)
+        nl = np.arange(1, n)[:, None]
+        ok = (xs_s[1:] > xs_s[:-1]) & (nl >= min_leaf) & (n - nl >= min_leaf)
+        gain = cs[:-1] ** 2 / nl + (cs[-1] - cs[:-1]) ** 2 / (n - nl) - gi.sum() ** 2 / n
+        gain = np.where(ok, gain, -np.inf)
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        best = (int(j), float((xs_s[i, j] + xs_s[i + 1, j]) / 2)) if gain[i, j] > 1e-12 else None
         if best is None:
             return k
         j, t = best

@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", help=f"torch thread settings (default {','.join(map(str, THREADS))})")
     p.add_argument("--methods", help="methods to run (default all in the registry)")
     p.add_argument("--repeats", type=int, default=3, help="measured calls per cell after warm-up (default 3)")
-    p.add_argument("--warmup-steps", type=int, default=100,
-                   help="supervised warm-up of the models, cached (default 100; 0 with --quick)")
+    p.add_argument("--warmup-steps", type=int, default=20,
+                   help="supervised warm-up of the models, cached: enough for answer-like text, which is what "
+                        "speculative methods feed on (default 20; 0 with --quick)")
     p.add_argument("--data-dir", help="where models are cached and the history kept (default: the node's)")
     p.add_argument("--history", help="history file (default <data-dir>/accel/history.jsonl)")
     return p

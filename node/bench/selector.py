@@ -163,7 +163,7 @@ def aggregate(rows: dict[str, list[dict]], probes: Sequence[int]) -> dict:
 
 # ------------------------------------------------------------------ end to end
 
-def end_to_end(history_path: Path, rounds: int, model: str = "tiny", warmup_steps: int = 100,
+def end_to_end(history_path: Path, rounds: int, model: str = "tiny", warmup_steps: int = 20,
                data_dir: Path | None = None, log=lambda m: None) -> dict:
     """Node rounds with --gen-method auto vs hf-default, interleaved round by round, one process."""
     import copy
@@ -181,11 +181,16 @@ def end_to_end(history_path: Path, rounds: int, model: str = "tiny", warmup_step
     tps: dict[str, list[float]] = {"auto": [], TRANSFORMERS_DEFAULT: []}
     methods: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
+        import shutil
+
+        # the nodes record their rounds: into a copy, so the benchmark leaves the history as it was
+        history_copy = Path(tmp) / "history.jsonl"
+        shutil.copy(history_path, history_copy)
         nodes = {}
         for name in tps:
             policy = copy.deepcopy(base)
             cfg = NodeConfig(data_dir=Path(tmp) / name, model=model, network=False, warmup_steps=warmup_steps,
-                             gen_method=name, gen_history=str(history_path), checkpoint_every=10_000,
+                             gen_method=name, gen_history=str(history_copy), checkpoint_every=10_000,
                              threads=torch.get_num_threads())
             nodes[name] = Node(cfg, policy=policy)
         try:
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else None
     path = Path(args.history).expanduser() if args.history else default_history_path(data_dir)
     read = History(path).read()
-    settings = settings_from_records(read.records)
+    # the grid's measurements only: node rounds and peers' records are other settings and machines
+    settings = settings_from_records([r for r in read.records if r.get("source") == "bench"])
     if len(settings) < 4:
         print(f"rollshare bench selector: {path} holds {len(settings)} usable settings ({read.skipped} lines "
               "skipped); run `rollshare bench accel` first to measure the methods", file=sys.stderr)
