@@ -36,6 +36,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, help=f"(default {d.temperature})")
     g.add_argument("--lr", type=float, help=f"GRPO learning rate (default {d.lr})")
     g.add_argument("--warmup-steps", type=int, help=f"supervised warm-up of the embedded model (default {d.warmup_steps})")
+    g.add_argument("--warmup-tasks", help="warm-up mix of the embedded model, e.g. 'spell_backward:9,chain_sum:1' for "
+                                          "a specialist (default: the --tasks mix)")
     g.add_argument("--eps-low", type=float)
     g.add_argument("--eps-high", type=float)
     g.add_argument("--beta", type=float, help="KL coefficient (default 0: no reference model)")
@@ -69,6 +71,15 @@ def _add_network_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--identity", help="ed25519 key file (default <data-dir>/identity.key; made on first start)")
     g.add_argument("--shared-groups", type=int, metavar="J",
                    help=f"groups from other peers in each training batch (default {d.shared_groups})")
+    g.add_argument("--sapo-strategy", choices=["paper", "need", "inject", "inject_need"],
+                   help="how shared groups are picked and used: paper (drop zero-advantage, uniform), need "
+                        "(prefer families we fail and the peer solves), inject (merge the peer's completions into "
+                        f"our own group of the question), inject_need (both) (default {d.sapo_strategy})")
+    g.add_argument("--shared-window", dest="shared_window_s", type=float, metavar="S",
+                   help="use shared groups at most S seconds old (default 0: the store's max age)")
+    g.add_argument("--offpolicy-shaping", type=float, metavar="GAMMA",
+                   help=f"γ of the policy shaping p/(p+γ) for injected peer tokens; 0 = ratio against our own "
+                        f"log-probs (default {d.offpolicy_shaping:g})")
     g.add_argument("--mdns", action="store_true", default=None, help="find peers on the local network with mDNS")
     g.add_argument("--reconcile-interval", dest="reconcile_interval_s", type=float,
                    help=f"seconds between reconciliations with a random peer (default {d.reconcile_interval_s:g})")
@@ -195,7 +206,8 @@ def _start_network(cfg: NodeConfig, node, keypair, log):
         net.start()
     except NetworkError as e:
         raise ConfigError(str(e)) from None
-    node.sharing = SwarmSharing(net, node.store, node.origin, reward_fn=node.reward_fn, seed=cfg.seed)
+    node.sharing = SwarmSharing(net, node.store, node.origin, reward_fn=node.reward_fn, seed=cfg.seed,
+                                window_s=cfg.shared_window_s)
     info = net.info()
     log(f"swarm: peer id {info['peer_id']}, gRPC {info['grpc_endpoint']}, p2p {info['multiaddrs'][0]}; "
         f"others join with --bootstrap {info['grpc_endpoint']}")
@@ -291,6 +303,7 @@ BENCHES = {
     "learn": "rollshare.bench.learn",
     "train": "rollshare.bench.train",
     "gossip": "rollshare.bench.gossip",
+    "sapo": "rollshare.bench.sapo",
     "accel": "rollshare.bench.accel",
     "selector": "rollshare.bench.selector",
 }

@@ -44,6 +44,10 @@ class NodeConfig:
     rounds: int = 0  # 0 = run until stopped
     prompts_per_round: int = 16  # I: own groups per round
     shared_groups: int = 0  # J: shared groups per round (needs the swarm)
+    sapo_strategy: str = "paper"  # how shared groups are picked and used (rollshare.sapo.STRATEGIES)
+    shared_window_s: float = 0.0  # age limit of shared groups; 0 = the store's max age
+    offpolicy_shaping: float = 0.1  # γ of LUFFY's f(p)=p/(p+γ) for injected peer tokens; 0 = ratio 1
+    warmup_tasks: str = ""  # warm-up mix of the embedded model ("" = --tasks); specialists differ
     group_size: int = 8  # G: completions per question
     max_new_tokens: int = 5
     temperature: float = 1.0
@@ -112,6 +116,17 @@ class NodeConfig:
             parse_mix(self.tasks)
         except TaskError as e:
             raise ConfigError(f"--tasks: {e}") from None
+        if self.warmup_tasks:
+            try:
+                parse_mix(self.warmup_tasks)
+            except TaskError as e:
+                raise ConfigError(f"--warmup-tasks: {e}") from None
+        from rollshare.sapo import STRATEGIES
+
+        if self.sapo_strategy not in STRATEGIES:
+            raise ConfigError(f"--sapo-strategy must be one of {', '.join(STRATEGIES)}, got {self.sapo_strategy!r}")
+        if self.shared_window_s < 0 or self.offpolicy_shaping < 0:
+            raise ConfigError("--shared-window and --offpolicy-shaping must be >= 0")
         if self.model not in SIZES and self.model != "smollm2":
             p = Path(self.model).expanduser()
             if not p.is_dir():

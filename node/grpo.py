@@ -11,6 +11,16 @@ For each group of G completions of one question with rewards r_1..r_G:
 Groups whose rewards are all equal have Â = 0 everywhere and are dropped before the step.
 Then one AdamW step with gradient-norm clipping. Nothing here knows where a group came from
 (own or shared): the sampler decides that and hands over a `TrainBatch`.
+
+SAPO group injection (see sapo.py) adds one case: a *merged* group, our G completions of a
+question plus a peer's K completions of it, normalised together (Â over all G + K rewards).
+The peer's tokens are off-policy with unknown behaviour probability, so for them the clipped
+ratio is replaced by LUFFY's policy shaping with μ := 1 (Yan et al. 2025):
+
+    L_i,t    = −f(π_θ(o_i,t)) Â_i,   f(p) = p / (p + γ)        off-policy tokens, no clip
+
+With γ = 0 they are treated as the paper treats shared groups instead: behaviour log-probs
+= our own, detached (ratio 1 at the step), and the usual clipped surrogate.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0  # must equal the sampling temperature
     adv_eps: float = 1e-8
+    offpolicy_gamma: float = 0.1  # γ of the policy shaping f(p) = p / (p + γ) for injected peer tokens
 
 
 @dataclass
@@ -42,6 +53,7 @@ class TrainItem:
     old_logprobs: list[float]
     advantage: float
     ref_logprobs: list[float] | None = None
+    off_policy: bool = False  # a peer's completion merged into our group (policy shaping, no ratio)
 
 
 @dataclass
@@ -82,6 +94,26 @@ def add_group(batch: TrainBatch, prompt_ids: Sequence[Sequence[int]] | Sequence[
     return True
 
 
+def add_merged_group(batch: TrainBatch, prompt_ids: Sequence[int],
+                     own: tuple[Sequence[Sequence[int]], Sequence[Sequence[float]], Sequence[float]],
+                     peer: tuple[Sequence[Sequence[int]], Sequence[Sequence[float]], Sequence[float]],
+                     cfg: GRPOConfig = GRPOConfig()) -> bool:
+    """SAPO group injection: our (ids, behaviour log-probs, rewards) and a peer's for the same
+    question, advantages normalised over all of them together; the peer's items are off-policy."""
+    rewards = list(own[2]) + list(peer[2])
+    if not has_signal(rewards):
+        batch.groups_dropped += 1
+        return False
+    adv = group_advantages(rewards, cfg.adv_eps)
+    n_own = len(own[2])
+    shaped = cfg.offpolicy_gamma > 0
+    for i, (c, lp) in enumerate(list(zip(own[0], own[1])) + list(zip(peer[0], peer[1]))):
+        batch.items.append(TrainItem(list(prompt_ids), list(c), list(lp), float(adv[i]),
+                                     off_policy=shaped and i >= n_own))
+    batch.groups_used += 1
+    return True
+
+
 def _pad(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, r in enumerate(rows):
@@ -91,20 +123,27 @@ def _pad(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token clipped surrogate, reduced by token mean. Shapes: [B, T], adv [B]."""
+                      eps_low: float, eps_high: float, off_policy: torch.Tensor | None = None,
+                      gamma: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token clipped surrogate, reduced by token mean. Shapes: [B, T], adv [B], off_policy [B] bool."""
     ratio = torch.exp(logp - old_logp)  # ρ
     a = adv.unsqueeze(1)
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a
     per_token = -torch.min(unclipped, clipped)
+    if off_policy is not None and bool(off_policy.any()):
+        p = torch.exp(logp)
+        shaped = -(p / (p + gamma)) * a  # LUFFY policy shaping, μ := 1, no clip
+        per_token = torch.where(off_policy.unsqueeze(1), shaped, per_token)
     n = mask.sum().clamp(min=1.0)
     loss = (per_token * mask).sum() / n  # token-mean over the batch
     with torch.no_grad():
         is_clipped = ((ratio < 1.0 - eps_low) & (a < 0)) | ((ratio > 1.0 + eps_high) & (a > 0))
+        on = mask if off_policy is None else mask * (~off_policy).float().unsqueeze(1)
+        n_on = on.sum().clamp(min=1.0)
         stats = {
-            "clip_frac": float((is_clipped.float() * mask).sum() / n),
-            "ratio_mean": float((ratio * mask).sum() / n),
+            "clip_frac": float((is_clipped.float() * on).sum() / n_on),
+            "ratio_mean": float((ratio * on).sum() / n_on),
         }
     return loss, stats
 
@@ -117,7 +156,8 @@ def grpo_loss(policy: Policy, batch: TrainBatch, cfg: GRPOConfig) -> tuple[torch
     T = logp.shape[1]
     old = _pad([it.old_logprobs for it in items], T).to(logp.device)
     adv = torch.tensor([it.advantage for it in items], dtype=torch.float32, device=logp.device)
-    loss, stats = clipped_surrogate(logp, old, adv, mask, cfg.eps_low, cfg.eps_high)
+    off = torch.tensor([it.off_policy for it in items], dtype=torch.bool, device=logp.device)
+    loss, stats = clipped_surrogate(logp, old, adv, mask, cfg.eps_low, cfg.eps_high, off, cfg.offpolicy_gamma)
     if cfg.beta > 0:
         if any(it.ref_logprobs is None for it in items):
             raise ValueError("beta > 0 needs reference log-probs for every item")

@@ -22,16 +22,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from rollshare.checkpoint import CheckpointError, CheckpointManager
 from rollshare.config import ConfigError, NodeConfig
-from rollshare.grpo import GRPOConfig, TrainBatch, add_group, grpo_step
+from rollshare.grpo import GRPOConfig, TrainBatch, add_group, add_merged_group, grpo_step
 from rollshare.policies import Policy, PolicyError, Sample
 from rollshare.policies.loader import load_policy
 from rollshare.proto import rollout_pb2 as pb
+from rollshare.sapo import PAPER, FamilyRewards, Strategy
 from rollshare.store import RolloutStore, now_ms
 from rollshare.tasks import Task, TaskDrawer, load_reward_fn, parse_mix, score_group
 
@@ -55,12 +56,14 @@ class SharedGroup:
     completions: list[str]
     rewards: list[float]
     origin: str
+    created_at_ms: int = 0  # when the sender made it (the sampler's age limit)
 
 
 class Sharing(Protocol):
     def publish(self, groups: Sequence[pb.RolloutGroup]) -> None: ...
 
-    def sample_shared(self, n: int, policy: Policy) -> list[SharedGroup]: ...
+    def sample_shared(self, n: int, policy: Policy, *, strategy: Strategy = PAPER,
+                      need: Mapping[str, float] | None = None) -> list[SharedGroup]: ...
 
 
 def to_proto(g: ScoredGroup, policy_id: str, round_: int, origin: str) -> pb.RolloutGroup:
@@ -121,9 +124,13 @@ class Node:
 
         hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
         self.mix = parse_mix(cfg.tasks)
-        self.policy = policy or load_policy(cfg.model, self.data_dir / "models", self.mix, cfg.warmup_steps,
+        warmup_mix = parse_mix(cfg.warmup_tasks) if cfg.warmup_tasks else self.mix  # specialists differ
+        self.policy = policy or load_policy(cfg.model, self.data_dir / "models", warmup_mix, cfg.warmup_steps,
                                             cfg.lr, cfg.seed, show_progress=show_progress)
-        self.grpo = GRPOConfig(cfg.eps_low, cfg.eps_high, cfg.beta, cfg.max_grad_norm, cfg.temperature)
+        self.grpo = GRPOConfig(cfg.eps_low, cfg.eps_high, cfg.beta, cfg.max_grad_norm, cfg.temperature,
+                               offpolicy_gamma=cfg.offpolicy_shaping)
+        self.strategy = Strategy(cfg.sapo_strategy)
+        self.family_rewards = FamilyRewards()  # our own recent reward per family (need-aware sampling)
         if cfg.beta > 0:
             raise ConfigError("--beta > 0 needs a reference model, which this node does not keep yet; use --beta 0")
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
@@ -202,19 +209,28 @@ class Node:
                                            cfg.temperature)
         return [ScoredGroup(t, s, score_group(t, [x.text for x in s], self.reward_fn)) for t, s in zip(tasks, samples)]
 
-    def build_batch(self, own: Sequence[ScoredGroup], shared: Sequence[SharedGroup]) -> TrainBatch:
+    def build_batch(self, own: Sequence[ScoredGroup], shared: Sequence[SharedGroup],
+                    injected: Sequence[ScoredGroup] = ()) -> TrainBatch:
+        """I own groups + J shared ones; with group injection, shared[k]'s completions are merged
+        into injected[k] (our own completions of the same question) before the advantage."""
         batch = TrainBatch()
         for g in own:
             add_group(batch, [x.prompt_ids for x in g.samples], [x.completion_ids for x in g.samples],
                       [x.logprobs for x in g.samples], g.rewards, self.grpo)
-        for g in shared:
+        for k, g in enumerate(shared):
             # shared text is re-tokenized and re-scored under our own policy: those log-probs
             # are the "behaviour" log-probs (SAPO: no importance weighting across policies)
             p_ids = self.policy.encode([g.task.prompt])[0]
             c_ids = [ids + [self.policy.eos_id] for ids in self.policy.encode(g.completions)]
             old, _ = self.policy.token_logprobs([p_ids] * len(c_ids), c_ids, self.grpo.temperature)
             old_l = [row[: len(c)] for row, c in zip(old.tolist(), c_ids)]
-            add_group(batch, [p_ids] * len(c_ids), c_ids, old_l, g.rewards, self.grpo)
+            if k < len(injected):
+                mine = injected[k]
+                add_merged_group(batch, p_ids, ([x.completion_ids for x in mine.samples],
+                                                [x.logprobs for x in mine.samples], mine.rewards),
+                                 (c_ids, old_l, g.rewards), self.grpo)
+            else:
+                add_group(batch, [p_ids] * len(c_ids), c_ids, old_l, g.rewards, self.grpo)
         return batch
 
     def run_round(self) -> dict:
@@ -227,9 +243,16 @@ class Node:
         self.store.put_many(protos, origin=self.origin)
         if self.sharing is not None:
             self.sharing.publish(protos)
-        shared = (self.sharing.sample_shared(cfg.shared_groups, self.policy)
+        for g in own:
+            self.family_rewards.add(g.task.spec.family, g.rewards)
+        shared = (self.sharing.sample_shared(cfg.shared_groups, self.policy, strategy=self.strategy,
+                                             need=self.family_rewards.rates())
                   if self.sharing is not None and cfg.shared_groups else [])
-        batch = self.build_batch(own, shared)
+        # group injection: our own G completions of each shared question, to merge with the peer's
+        injected = self.generate_groups([g.task for g in shared]) if self.strategy.inject and shared else []
+        for g in injected:
+            self.family_rewards.add(g.task.spec.family, g.rewards)
+        batch = self.build_batch(own, shared, injected)
         stats = grpo_step(self.policy, batch, self.grpo)
         t_end = time.perf_counter()
         self.round += 1
@@ -252,6 +275,7 @@ class Node:
             "groups_dropped": batch.groups_dropped,
             "shared_groups": len(shared),
             "method": self.generation.last_method,
+            "completions": sum(len(g.samples) for g in own) + sum(len(g.samples) for g in injected),
             "time": time.time(),
         }
         self.last = m
