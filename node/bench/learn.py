@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--data-dir", type=Path, help="default: a fresh temporary directory")
     ap.add_argument("--lr", type=float, help="GRPO learning rate (default: the node's default)")
+    ap.add_argument("--warmup-steps", type=int, help="supervised warm-up steps (default: the node's; quick 150)")
     args = ap.parse_args(argv)
     budget = args.seconds or (30.0 if args.quick else 120.0)
     from rollshare.node import Node, evaluate
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.with_(warmup_steps=150)
         if args.lr:
             cfg = cfg.with_(lr=args.lr)
+        if args.warmup_steps is not None:
+            cfg = cfg.with_(warmup_steps=args.warmup_steps)
         t0 = time.monotonic()
         with Node(cfg, log=lambda m: print(m, file=sys.stderr)) as node:
             setup_s = time.monotonic() - t0
