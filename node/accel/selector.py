@@ -12,10 +12,11 @@ Two layers, as in MetaInf (a regressor over task descriptions) plus a bandit on 
    measurement counts as a penalised outcome (`FAILURE_PENALTY`).
 
 2. `OnlineSelector`, the online layer: a Gaussian posterior per method over log tokens/s in
-   the node's own setting, its prior from the learner (or, without history, "like the default
-   but 0.3 slower, unsure"). Each round it exploits the best posterior mean; rarely
-   (`explore_rate`, decaying) it explores with a Thompson sample. Every measured round updates
-   the posterior. A method that fails is dropped for the rest of the run.
+   the node's own setting. Its prior is the learner's relative prediction on top of a level
+   estimated from what the node measured (or, without history, "like the default but 0.3
+   slower, unsure"). Each round it exploits the best posterior mean; rarely (`explore_rate`,
+   decaying) it explores with a Thompson sample. Every measured round updates the posterior.
+   A method that fails is dropped for the rest of the run.
 
 Safe default and quality guard: the default `policy` is chosen unless another method is predicted
 faster by more than `min_gain`; lossy methods are candidates only with a measured divergence
@@ -265,14 +266,20 @@ def choose_offline(model: ThroughputModel, feats: dict, candidates: Sequence[str
 
 @dataclass
 class _Arm:
-    mu: float
-    var: float
+    rel: float  # the learner's prediction: log tokens/s relative to the default
+    sum_y: float = 0.0  # sum of observed log tokens/s
     n: int = 0
     failed: bool = False
 
 
 class OnlineSelector:
-    """Gaussian Thompson sampling over log tokens/s, prior from the learner, for one setting."""
+    """Gaussian Thompson sampling over log tokens/s for one setting, its prior from the learner.
+
+    The learner is trusted for differences between methods, not for the level: a node's rounds
+    (real sampling, EOS, its own load) run at another absolute speed than the benchmark's. So
+    log tps_m = L + rel_m + e_m, with the level L estimated from whatever was measured (each
+    observed arm's mean minus its predicted rel), and e_m ~ N(0, sigma^2) the learner's error per
+    method, learnt away by the arm's own observations (noise `noise`)."""
 
     def __init__(self, model: ThroughputModel | None, feats: dict, candidates: Sequence[str],
                  noise: float = 0.1, explore_rate: float = 0.1, min_gain: float = TIE,
@@ -283,32 +290,40 @@ class OnlineSelector:
         self.feats, self.noise, self.explore_rate, self.min_gain = feats, noise, explore_rate, min_gain
         self.rng = rng or random.Random(0)
         rel = self.model.predict_relative(feats, list(candidates))
+        self.sigma = self.model.sigma if self.model.fitted else 0.5
         base = self.model.predict_default_log_tps(feats)
-        self.anchored = base is not None  # False: priors are relative until the default is measured
-        base = base if base is not None else 0.0
-        sigma = self.model.sigma if self.model.fitted else 0.5
-        self.arms = {m: _Arm(base + rel[m], sigma ** 2) for m in candidates}
+        self.prior_level = base if base is not None else 0.0
+        self.arms = {m: _Arm(rel[m]) for m in candidates}
         self.rounds = 0
 
-    def _shift_unanchored(self, y: float) -> None:
-        """Without an absolute prediction, the first default measurement places all priors."""
-        shift = y - self.arms[DEFAULT_METHOD].mu
-        for a in self.arms.values():
-            if a.n == 0:
-                a.mu += shift
-        self.anchored = True
+    def level(self) -> float:
+        seen = [a for a in self.arms.values() if a.n]
+        if not seen:
+            return self.prior_level
+        return sum(a.sum_y - a.n * a.rel for a in seen) / sum(a.n for a in seen)
+
+    def posterior(self, method: str) -> tuple[float, float]:
+        """(mean, variance) of the method's log tokens/s."""
+        a = self.arms[method]
+        mu0, v0 = self.level() + a.rel, self.sigma ** 2
+        prec = 1.0 / v0 + a.n / self.noise ** 2
+        return (mu0 / v0 + a.sum_y / self.noise ** 2) / prec, 1.0 / prec
+
+    def _live(self) -> list[str]:
+        return [m for m, a in self.arms.items() if not a.failed]
 
     def best(self) -> str:
-        live = {m: a for m, a in self.arms.items() if not a.failed}
-        top = max(live, key=lambda m: live[m].mu)
-        d = live.get(DEFAULT_METHOD)
-        if d is not None and top != DEFAULT_METHOD and live[top].mu - d.mu < math.log1p(self.min_gain):
+        mean = {m: self.posterior(m)[0] for m in self._live()}
+        top = max(mean, key=mean.get)
+        if DEFAULT_METHOD in mean and top != DEFAULT_METHOD and mean[top] - mean[DEFAULT_METHOD] < math.log1p(self.min_gain):
             return DEFAULT_METHOD
         return top
 
     def thompson(self) -> str:
-        live = {m: a for m, a in self.arms.items() if not a.failed}
-        draw = {m: self.rng.gauss(a.mu, math.sqrt(a.var)) for m, a in live.items()}
+        draw = {}
+        for m in self._live():
+            mu, var = self.posterior(m)
+            draw[m] = self.rng.gauss(mu, math.sqrt(var))
         return max(draw, key=draw.get)
 
     def choose(self) -> tuple[str, bool]:
@@ -326,16 +341,9 @@ class OnlineSelector:
         if a is None:
             return
         if tokens_per_s is None or not tokens_per_s > 0:
-            a.failed = True
-            if method == DEFAULT_METHOD:
-                a.failed = False  # the default is never dropped: it is the fallback
+            a.failed = method != DEFAULT_METHOD  # the default is never dropped: it is the fallback
             return
-        y = math.log(tokens_per_s)
-        if not self.anchored and method == DEFAULT_METHOD:
-            self._shift_unanchored(y)
-        prec = 1.0 / a.var + 1.0 / self.noise ** 2
-        a.mu = (a.mu / a.var + y / self.noise ** 2) / prec
-        a.var = 1.0 / prec
+        a.sum_y += math.log(tokens_per_s)
         a.n += 1
 
 

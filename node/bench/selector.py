@@ -18,9 +18,9 @@ hf-default), `nearest_neighbour` (the best method of the closest training settin
 standardised). `cold_start_regret`: on each held-out setting, the online layer starts from the
 fold's learner and makes 0, 3, 10 probe runs (Thompson samples; each probe's tokens/s is one of
 that method's measured calls), then exploits its best posterior mean: the regret of that pick.
-`end_to_end_speedup`: real node rounds (the tiny model, the node's default round) with
---gen-method auto over those with hf-default, rounds interleaved in one process: median
-tokens/s ratio. Main fields pool all three split kinds (each setting counted once per kind);
+`end_to_end_speedup`: real node rounds (the tiny model, the node's default round, 1 thread)
+with --gen-method auto over those with hf-default, rounds interleaved in one process, the
+first of each not counted: median tokens/s ratio. Main fields pool all three split kinds (each setting counted once per kind);
 `splits` breaks them down. With --json the last stdout line is one JSON object.
 """
 
@@ -164,7 +164,7 @@ def aggregate(rows: dict[str, list[dict]], probes: Sequence[int]) -> dict:
 # ------------------------------------------------------------------ end to end
 
 def end_to_end(history_path: Path, rounds: int, model: str = "tiny", warmup_steps: int = 20,
-               data_dir: Path | None = None, log=lambda m: None) -> dict:
+               data_dir: Path | None = None, threads: int = 1, log=lambda m: None) -> dict:
     """Node rounds with --gen-method auto vs hf-default, interleaved round by round, one process."""
     import copy
     import tempfile
@@ -189,9 +189,10 @@ def end_to_end(history_path: Path, rounds: int, model: str = "tiny", warmup_step
         nodes = {}
         for name in tps:
             policy = copy.deepcopy(base)
+            # rounds: the run's length, so that one-off setups (a compile) are only tried where they pay
             cfg = NodeConfig(data_dir=Path(tmp) / name, model=model, network=False, warmup_steps=warmup_steps,
                              gen_method=name, gen_history=str(history_copy), checkpoint_every=10_000,
-                             threads=torch.get_num_threads())
+                             threads=threads, rounds=rounds)
             nodes[name] = Node(cfg, policy=policy)
         try:
             for i in range(rounds):
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", help="history file (default <data-dir>/accel/history.jsonl)")
     p.add_argument("--data-dir", help="the node data directory holding accel/ (default: the node's)")
     p.add_argument("--rounds", type=int, help="end-to-end node rounds per side (default 12; 3 with --quick; 0 = skip)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the end-to-end nodes (default 1: on a shared machine more threads than "
+                        "free cores stall on each other)")
     p.add_argument("--allow-lossy", action="store_true", help="let lossy methods compete (not for training rollouts)")
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 12)
     if rounds >= 2:
         log(f"end to end: {rounds} node rounds per side")
-        result.update(end_to_end(path, rounds, data_dir=data_dir, log=log))
+        result.update(end_to_end(path, rounds, data_dir=data_dir, threads=args.threads, log=log))
     else:
         result["end_to_end_speedup"] = None
     result["seconds"] = round(time.monotonic() - t0, 1)
