@@ -282,3 +282,22 @@ def test_bad_gen_method_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="--gen-method"):
         NodeConfig(data_dir=tmp_path, gen_method="warp-drive").validate()
+
+
+def test_round_selector_tries_only_cheap_methods_without_history_and_compiles_only_in_long_runs():
+    from rollshare.accel.selector import RoundSelector
+
+    feasible = list(M.REGISTRY)
+    fresh = RoundSelector([], feasible, GuardPolicy())
+    assert fresh.candidates[0] == "policy" and not fresh.model.fitted
+    assert not {"hf-static-compile", "prompt-lookup", "assisted", "int8-dynamic"} & set(fresh.candidates)
+    rng = random.Random(4)
+    recs = _synthetic_records(rng, 6)
+    recs += [make_record("hf-static-compile", "ok", r["features"], tokens_per_s=r["tokens_per_s"])
+             for r in recs if r["method"] == "policy"]
+    short = RoundSelector(recs, feasible, GuardPolicy(), horizon_rounds=12)
+    long_ = RoundSelector(recs, feasible, GuardPolicy(), horizon_rounds=0)
+    assert short.model.fitted and "hf-static-compile" not in short.candidates
+    assert "hf-static-compile" in long_.candidates and "prompt-lookup" in long_.candidates
+    assert RoundSelector(recs, feasible, GuardPolicy(), fixed="hf-eager").choose(recs[0]["features"]) == \
+        ("hf-eager", False)

@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     guard = GuardPolicy(allow_lossy=args.allow_lossy)
     probes = (0, 3, 10)
-    n_trees = 60 if args.quick else 150
-    seeds = 4 if args.quick else 20
+    n_trees = 40 if args.quick else 150
+    seeds = 3 if args.quick else 20
     log(f"{len(settings)} settings from {path} ({len(read.records)} records, {read.skipped} skipped)")
     cv = cross_validate(settings, guard, probes, seeds=seeds, n_trees=n_trees, log=log)
     result = {"bench": "selector", "quick": bool(args.quick), "history": str(path), "settings": len(settings),
