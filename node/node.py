@@ -217,13 +217,18 @@ class Node:
         for g in own:
             add_group(batch, [x.prompt_ids for x in g.samples], [x.completion_ids for x in g.samples],
                       [x.logprobs for x in g.samples], g.rewards, self.grpo)
+        # shared text is re-tokenized and re-scored under our own policy (all groups in one pass):
+        # those log-probs are the "behaviour" log-probs (SAPO: no importance weighting across policies)
+        prompts = [self.policy.encode([g.task.prompt])[0] for g in shared]
+        comps = [[ids + [self.policy.eos_id] for ids in self.policy.encode(g.completions)] for g in shared]
+        rows = [(p, c) for p, cs in zip(prompts, comps) for c in cs]
+        old_all = (self.policy.token_logprobs([p for p, _ in rows], [c for _, c in rows],
+                                              self.grpo.temperature)[0].tolist() if rows else [])
+        start = 0
         for k, g in enumerate(shared):
-            # shared text is re-tokenized and re-scored under our own policy: those log-probs
-            # are the "behaviour" log-probs (SAPO: no importance weighting across policies)
-            p_ids = self.policy.encode([g.task.prompt])[0]
-            c_ids = [ids + [self.policy.eos_id] for ids in self.policy.encode(g.completions)]
-            old, _ = self.policy.token_logprobs([p_ids] * len(c_ids), c_ids, self.grpo.temperature)
-            old_l = [row[: len(c)] for row, c in zip(old.tolist(), c_ids)]
+            p_ids, c_ids = prompts[k], comps[k]
+            old_l = [row[: len(c)] for row, c in zip(old_all[start:start + len(c_ids)], c_ids)]
+            start += len(c_ids)
             if k < len(injected):
                 mine = injected[k]
                 add_merged_group(batch, p_ids, ([x.completion_ids for x in mine.samples],
@@ -276,6 +281,7 @@ class Node:
             "shared_groups": len(shared),
             "method": self.generation.last_method,
             "completions": sum(len(g.samples) for g in own) + sum(len(g.samples) for g in injected),
+            "family_reward": _family_means(own),
             "time": time.time(),
         }
         self.last = m
@@ -313,6 +319,16 @@ class Node:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _family_means(groups: Sequence[ScoredGroup]) -> dict[str, float]:
+    """Mean reward per task family over these groups."""
+    sums: dict[str, list[float]] = {}
+    for g in groups:
+        s = sums.setdefault(g.task.spec.family, [0.0, 0])
+        s[0] += sum(g.rewards)
+        s[1] += len(g.rewards)
+    return {f: round(v / n, 4) for f, (v, n) in sums.items() if n}
 
 
 def _as_random_state(state) -> tuple:

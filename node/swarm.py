@@ -1,7 +1,15 @@
 """`rollshare swarm`: a whole swarm on this machine, one command, one table, one Ctrl-C.
 
     rollshare swarm --nodes 4 [--model tiny-s] [--rounds R] [--shared-groups J] [--base-dir DIR]
-                    [--threads-per-node 1] [--json] [-- any `rollshare run` flags]
+                    [--threads-per-node 1] [--sizes tiny-s,tiny] [--specialists] [--plot PATH]
+                    [--json] [-- any `rollshare run` flags]
+
+Heterogeneous swarms: --sizes cycles embedded model sizes over the nodes (node k runs
+sizes[k % len]); --specialists warms node k up mostly on family k of the task mix
+(`sapo.specialist_mix`), while every node still trains on the whole mix. Shared groups travel
+as text, so nodes of different sizes or tokenizers share freely. --plot writes a PNG of each
+node's moving-average reward and its sampled reward per task family over rounds (from the
+nodes' rounds.jsonl) when the swarm ends.
 
 What happens, in order:
 
@@ -294,9 +302,12 @@ class LocalSwarm:
 
     def __init__(self, base_dir: str | os.PathLike, model: str, *, rounds: int = 0, shared_groups: int | None = None,
                  threads: int = 1, run_flags: Sequence[str] = (), seed: int = 0, status_timeout: float = 1.0,
-                 python: str = sys.executable):
+                 python: str = sys.executable, models: Sequence[str] = (),
+                 node_flags: Sequence[Sequence[str]] = ()):
         self.base_dir = Path(base_dir)
         self.model = str(model)
+        self.models = [str(m) for m in models]  # node k runs models[k % len] (heterogeneous swarms, specialists)
+        self.node_flags = [list(f) for f in node_flags]  # node k also gets node_flags[k % len]
         self.rounds = rounds
         self.shared_groups = shared_groups
         self.threads = threads
@@ -319,9 +330,12 @@ class LocalSwarm:
         return node
 
     def argv(self, node: SwarmNode, bootstrap: Sequence[str]) -> list[str]:
-        seed = self.seed + self.nodes.index(node)
-        argv = [self.python, "-m", "rollshare.cli", "run", *self.run_flags,
-                "--data-dir", str(node.data_dir), "--model", self.model, "--seed", str(seed),
+        k = self.nodes.index(node)
+        seed = self.seed + k
+        model = self.models[k % len(self.models)] if self.models else self.model
+        extra = self.node_flags[k % len(self.node_flags)] if self.node_flags else []
+        argv = [self.python, "-m", "rollshare.cli", "run", *self.run_flags, *extra,
+                "--data-dir", str(node.data_dir), "--model", model, "--seed", str(seed),
                 "--listen-host", HOST, "--advertise-host", HOST,
                 "--p2p-port", str(node.p2p_port), "--grpc-port", str(node.grpc_port),
                 "--threads", str(self.threads), "--status", "line",
@@ -477,6 +491,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-node", type=int, default=1, metavar="T", help="torch threads per node (default 1)")
     p.add_argument("--stop-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a node gets to stop after SIGTERM before SIGKILL (default 30)")
+    p.add_argument("--sizes", metavar="S1,S2", help="embedded sizes cycled over the nodes (heterogeneous swarm), "
+                                                   "e.g. tiny-s,tiny; overrides --model")
+    p.add_argument("--specialists", action="store_true",
+                   help="warm node k up mostly on family k of the task mix (all still train on the whole mix)")
+    p.add_argument("--specialist-focus", type=float, default=0.9, metavar="F",
+                   help="share of a specialist's warm-up on its own family (default 0.9)")
+    p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of reward and per-family reward over rounds")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object with every node")
     p.epilog = "Any `rollshare run` flag may follow --, e.g. rollshare swarm --nodes 4 -- --prompts-per-round 8"
 
@@ -526,6 +547,71 @@ def prepare_model(cfg, base_dir: Path, log=None) -> str:
     return str(base_dir / "models" / policy.name)
 
 
+def prepare_models(cfg, args: argparse.Namespace, base_dir: Path, log=None) -> list[str]:
+    """One --model value per node: heterogeneous sizes and specialist warm-ups, each built once."""
+    from rollshare.policies.tiny import SIZES, embedded_policy
+    from rollshare.sapo import specialist_mix
+    from rollshare.tasks import parse_mix
+
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()] if getattr(args, "sizes", None) else [cfg.model]
+    bad = [x for x in sizes if x not in SIZES]
+    if (getattr(args, "specialists", False) or len(sizes) > 1) and bad:
+        from rollshare.config import ConfigError
+
+        raise ConfigError(f"--sizes/--specialists need embedded sizes ({', '.join(SIZES)}), got {', '.join(bad)}")
+    if not getattr(args, "specialists", False) and len(sizes) == 1:
+        return [prepare_model(cfg.with_(model=sizes[0]), base_dir, log)]
+    fams = list(parse_mix(cfg.tasks))
+    out = []
+    for k in range(args.nodes):
+        size = sizes[k % len(sizes)]
+        mix = (parse_mix(specialist_mix(fams, k, args.specialist_focus)) if args.specialists
+               else parse_mix(cfg.warmup_tasks or cfg.tasks))
+        if log:
+            log(f"node{k}: {size} warmed up on {', '.join(f'{f} {w:.0%}' for f, w in mix.items())}")
+        pol = embedded_policy(base_dir / "models", mix, size=size, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                              lr=cfg.lr, show_progress=True)
+        out.append(str(base_dir / "models" / pol.name))
+    return out
+
+
+def plot_swarm(nodes: Sequence[SwarmNode], path: Path, window: int = 20) -> Path:
+    """PNG: each node's moving-average reward, and its sampled reward per family, over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {}
+    for n in nodes:
+        f = n.data_dir / "rounds.jsonl"
+        logs[n.name] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+    fams = sorted({fam for rows in logs.values() for m in rows for fam in m.get("family_reward", {})})
+    fig, axes = plt.subplots(1, 1 + len(fams), figsize=(4.2 * (1 + len(fams)), 3.6), squeeze=False)
+
+    def ma(xs: list[float]) -> list[float]:
+        return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+    for name, rows in logs.items():
+        axes[0][0].plot([m["round"] for m in rows], ma([m["reward"] for m in rows]), label=name)
+        for j, fam in enumerate(fams):
+            pts = [(m["round"], m["family_reward"][fam]) for m in rows if fam in m.get("family_reward", {})]
+            if pts:
+                axes[0][j + 1].plot([r for r, _ in pts], ma([v for _, v in pts]), label=name)
+    axes[0][0].set_title(f"reward (moving avg {window})")
+    for j, fam in enumerate(fams):
+        axes[0][j + 1].set_title(f"{fam}: sampled reward", fontsize=9)
+        axes[0][j + 1].set_ylim(-0.02, 1.02)
+    for ax in axes[0]:
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def cmd_swarm(args: argparse.Namespace, rest: Sequence[str]) -> int:
     """`rollshare swarm`: see the module doc."""
     from rollshare.config import ConfigError
@@ -540,9 +626,10 @@ def cmd_swarm(args: argparse.Namespace, rest: Sequence[str]) -> int:
         base_dir.mkdir(parents=True, exist_ok=True)
     else:
         base_dir = Path(tempfile.mkdtemp(prefix="rollshare-swarm-"))
-    model = prepare_model(cfg, base_dir, log)
+    models = prepare_models(cfg, args, base_dir, log)
+    model = models[0]
     swarm = LocalSwarm(base_dir, model, rounds=args.rounds, shared_groups=args.shared_groups,
-                       threads=args.threads_per_node, run_flags=run_flags, seed=cfg.seed)
+                       threads=args.threads_per_node, run_flags=run_flags, seed=cfg.seed, models=models)
     out = sys.stderr if args.json else sys.stdout
     table = LiveTable(out)
     started = time.monotonic()
@@ -566,6 +653,8 @@ def cmd_swarm(args: argparse.Namespace, rest: Sequence[str]) -> int:
     table.show(swarm.nodes, force=True)
     nodes = swarm.summary()
     ok = not any(n.failed for n in swarm.nodes)
+    if args.plot:
+        log(f"plot: {plot_swarm(swarm.nodes, args.plot.expanduser().resolve())}")
     log(f"swarm ended after {time.monotonic() - started:.0f} s; data and logs in {base_dir}")
     if args.json:
         print(json.dumps({"ok": ok, "base_dir": str(base_dir), "model": model,

@@ -190,3 +190,97 @@ def test_node_warms_up_on_warmup_tasks_not_the_training_mix(tmp_path):
     assert names[0] != names[1]  # the warm-up mix is part of the cached model's key
     with pytest.raises(ConfigError, match="--warmup-tasks"):
         NodeConfig(warmup_tasks="nope", **base).validate()
+
+
+# ------------------------------------------------------------------ injection, end to end
+
+
+class _Teacher:
+    """A Sharing that hands out a peer's all-correct groups on spell_backward (a family the node never saw)."""
+
+    def __init__(self):
+        from rollshare.tasks import TaskDrawer
+
+        self.drawer = TaskDrawer({"spell_backward": 1.0}, seed=7)
+
+    def publish(self, groups) -> None:
+        pass
+
+    def sample_shared(self, n, policy=None, *, strategy=PAPER, need=None):
+        out = []
+        for t in self.drawer.draw(n):
+            g = SharedGroup(task=t, completions=[t.answer] * 4, rewards=[1.0] * 4, origin="teacher", created_at_ms=1)
+            if strategy.qualifies(g.rewards):
+                out.append(g)
+        return out
+
+
+def test_injected_correct_answers_teach_a_family_the_node_fails_where_the_paper_path_cannot(tmp_path,
+                                                                                            tiny_policy_dir):
+    """A chain_sum-only node gets a peer's all-correct spell_backward groups. The paper drops them
+    (zero advantage); injection merges them with the node's own wrong answers and the node's
+    log-likelihood of held-out correct answers rises (greedy accuracy needs far more examples)."""
+    from rollshare.config import NodeConfig
+    from rollshare.node import Node
+    from rollshare.tasks import heldout_tasks
+
+    held = heldout_tasks("spell_backward", 30)
+
+    def answer_logp(policy) -> float:
+        lp = policy.score_texts([t.prompt for t in held], [t.answer for t in held])
+        return sum(sum(x) for x in lp) / len(lp)
+
+    gain = {}
+    for strategy in ("paper", "inject"):
+        cfg = NodeConfig(data_dir=tmp_path / strategy, model=str(tiny_policy_dir), tasks="chain_sum",
+                         prompts_per_round=2, group_size=4, shared_groups=4, sapo_strategy=strategy, lr=1e-3,
+                         checkpoint_every=10**6, status="off", threads=1)
+        with Node(cfg, show_progress=False) as node:
+            node.sharing = _Teacher()
+            before = answer_logp(node.policy)
+            node.run(20)
+            assert node.last["shared_groups"] == (4 if strategy == "inject" else 0)
+            gain[strategy] = answer_logp(node.policy) - before
+    assert gain["inject"] > 5.0 and gain["inject"] > gain["paper"] + 5.0, gain
+
+
+# ------------------------------------------------------------- swarm options and the benchmark
+
+
+def test_swarm_prepares_one_specialist_model_per_node_and_plots_rounds(tmp_path):
+    import argparse
+
+    from rollshare.config import NodeConfig
+    from rollshare.swarm import SwarmNode, plot_swarm, prepare_models
+
+    cfg = NodeConfig(data_dir=tmp_path, model="tiny-s", warmup_steps=2, tasks="chain_sum,spell_backward")
+    args = argparse.Namespace(nodes=3, sizes="tiny-s", specialists=True, specialist_focus=0.9)
+    models = prepare_models(cfg, args, tmp_path)
+    assert len(models) == 3 and models[0] == models[2] != models[1]  # node 2 wraps around to family 0
+    nodes = []
+    for k in range(2):
+        n = SwarmNode(f"node{k}", tmp_path / f"node{k}")
+        n.data_dir.mkdir()
+        (n.data_dir / "rounds.jsonl").write_text("".join(
+            json.dumps({"round": r, "reward": r / 10, "family_reward": {"chain_sum": 0.5, "spell_backward": k}}) + "\n"
+            for r in range(1, 6)))
+        nodes.append(n)
+    out = plot_swarm(nodes, tmp_path / "swarm.png")
+    assert out.stat().st_size > 1000
+
+
+def test_bench_sapo_smoke_reports_every_field_and_writes_the_plot(tmp_path, capsys):
+    from rollshare.bench.sapo import main
+
+    assert main(["--json", "--seeds", "1", "--rounds", "3", "--nodes", "2", "--warmup-steps", "5", "--eval-n", "6",
+                 "--configs", "8/0,4/4,4/0", "--strategies", "inject_need", "--kinds", "homogeneous,specialists",
+                 "--work-dir", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("homogeneous", "specialists", "gain_paper_4_4", "gain_best", "gain_best_vs_4_0",
+                "cross_family_acc_silo", "cross_family_acc_best", "seeds", "plot"):
+        assert key in r, key
+    assert set(r["specialists"]) == {"8/0", "4/4", "4/0", "4/4 inject_need"} and r["best_strategy"] == "4/4 inject_need"
+    row = next(x for x in r["rows"] if x["swarm"] == "specialists" and x["config"] == "4/4 inject_need")
+    assert row["path"] == "in-process" and row["completions_per_node"] > 0 and set(row["final_acc"]) == {
+        "chain_sum", "basic_arithmetic", "spell_backward", "base_conversion"}
+    assert (tmp_path / "sapo.png").stat().st_size > 1000 and r["plot"] == str(tmp_path / "sapo.png")
