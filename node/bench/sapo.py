@@ -68,6 +68,7 @@ class RunSpec:
     focus: float = 0.9  # specialists: warm-up weight of the node's own family
     lr: float = 5e-4
     group_size: int = 8
+    max_new_tokens: int = 5  # the node's default; base_conversion answers of 5+ digits need more
     window_rounds: int = 4  # age limit of shared groups
     offpolicy_shaping: float = 0.1
     eval_every: int = 0  # rounds between accuracy snapshots (0: only at the end)
@@ -112,7 +113,7 @@ def node_config(spec: RunSpec, k: int, data_dir: Path, model: Path):
                       prompts_per_round=spec.own, shared_groups=spec.shared, sapo_strategy=spec.strategy,
                       group_size=spec.group_size, lr=spec.lr, offpolicy_shaping=spec.offpolicy_shaping,
                       shared_window_s=float(spec.window_rounds), checkpoint_every=10**9, status="off", threads=1,
-                      max_new_tokens=5)
+                      max_new_tokens=spec.max_new_tokens)
 
 
 def cross_family(spec: RunSpec, acc: Sequence[dict[str, float]]) -> float | None:
@@ -236,11 +237,11 @@ def run_processes(spec: RunSpec, work: Path, log=None, timeout_s: float = 3600) 
     run_dir = Path(tempfile.mkdtemp(prefix="swarm-", dir=work))
     cfg = node_config(spec, 0, run_dir, models[0])
     flags = ["--tasks", cfg.tasks, "--prompts-per-round", str(spec.own), "--group-size", str(spec.group_size),
-             "--lr", str(spec.lr), "--sapo-strategy", spec.strategy, "--offpolicy-shaping", str(spec.offpolicy_shaping),
+             "--lr", str(spec.lr), "--max-new-tokens", str(spec.max_new_tokens), "--sapo-strategy", spec.strategy,
+             "--offpolicy-shaping", str(spec.offpolicy_shaping),
              "--checkpoint-every", "1000000", "--reconcile-interval", "1"]
-    # the round clock of the in-process path is ~ the wall time of a round here: keep the same
-    # age limit in rounds by measuring seconds per round is not possible up front; use a window
-    # of window_rounds × 2 s (a 4-node tiny-s round takes ~1-2 s per process on 2 cores)
+    # real nodes run on wall time: the age limit is window_rounds × 2 s (a tiny-s node's round
+    # took 0.3-1 s on 2 shared cores, so this spans a few more rounds than in-process)
     flags += ["--shared-window", str(2.0 * spec.window_rounds)]
     swarm = LocalSwarm(run_dir, str(models[0]), rounds=spec.rounds, shared_groups=spec.shared, threads=1,
                        run_flags=flags, seed=spec.node_seed(0), models=[str(m) for m in models])
@@ -277,8 +278,11 @@ def _warm(args: tuple) -> None:
     """Build node k's model of a (kind, seed) (one-node spec whose node 0 stands for node k)."""
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     spec, k, work = args
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
     from rollshare.policies.tiny import embedded_policy
     from rollshare.tasks import parse_mix
 
@@ -324,6 +328,9 @@ def aggregate(results: list[dict]) -> dict[tuple[str, str, str], dict]:
             "reward_curve": [sum(r["reward_curve"][t] for r in rs) / len(rs) for t in range(T)],
             "acc_curve": _acc_curve(rs),
         }
+        c, w = rows[key]["reward_curve"], max(1, min(MA, T // 2))
+        rows[key]["reward_first"] = sum(c[:w]) / w  # mean reward of the first and last rounds:
+        rows[key]["reward_last"] = sum(c[-w:]) / w  # has the silo risen, has 2/6 collapsed?
     return rows
 
 
@@ -396,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=300)
     ap.add_argument("--focus", type=float, default=0.9, help="specialists: warm-up weight on the node's own family")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--max-new-tokens", type=int, default=5, help="per completion (the node's default 5)")
     ap.add_argument("--window-rounds", type=int, default=4, help="age limit of shared groups, in rounds")
     ap.add_argument("--offpolicy-shaping", type=float, default=0.1)
     ap.add_argument("--strategies", default="inject,inject_need,need", help="our strategies, each run at 4/4")
@@ -410,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, help="models and node data (default: a temporary directory)")
     ap.add_argument("--plot", type=Path, help="PNG path (default sapo.png in the work dir)")
     ap.add_argument("--out", type=Path, help="also write every run's full result here (JSON)")
+    ap.add_argument("--from-runs", type=Path, help="summarise and plot the runs an earlier --out wrote (no training)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds, args.nodes, args.warmup_steps, args.eval_n = 1, 30, 2, 150, 40
@@ -424,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     base = RunSpec(kind="", label="", own=0, shared=0, strategy="paper", seed=0, rounds=args.rounds,
                    nodes=args.nodes, sizes=tuple(args.sizes.split(",")), warmup_steps=args.warmup_steps,
-                   focus=args.focus, lr=args.lr, window_rounds=args.window_rounds,
+                   focus=args.focus, lr=args.lr, max_new_tokens=args.max_new_tokens,
+                   window_rounds=args.window_rounds,
                    offpolicy_shaping=args.offpolicy_shaping,
                    eval_every=args.eval_every or max(1, args.rounds // 5), eval_n=args.eval_n)
     configs = {lab: (i, j, "paper") for lab, i, j in PAPER_CONFIGS if lab in args.configs.split(",")}
@@ -438,26 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         specs += [replace(base, kind=kind, label=lab, own=i, shared=j, strategy=st, seed=seed, path="processes",
                           eval_every=0) for seed in range(args.process_seeds)]
     t0 = time.monotonic()
-    # warm every model once (node by node, in parallel), before runs would race to build the same one
-    warm = [(replace(base, kind=kind, seed=seed, nodes=1, sizes=(base.size(k),)), k, str(work))
-            for seed in range(args.seeds) for kind in args.kinds.split(",") for k in range(args.nodes)]
-    log(f"bench sapo: warming up {len(warm)} models, then {len(specs)} runs ({args.nodes} nodes, "
-        f"{args.rounds} rounds) in {work}")
-    jobs = [(s, str(work)) for s in specs]
-    inproc = [j for j in jobs if j[0].path == "in-process"]
-    procs = [j for j in jobs if j[0].path == "processes"]
-    pool = mp.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else None
-    try:
-        list(pool.imap_unordered(_warm, warm)) if pool else [_warm(w) for w in warm]
-        # real swarms run one at a time, beside the in-process runs
-        with ThreadPoolExecutor(1) as side:
-            proc_results = side.submit(lambda: [_job(j) for j in procs])
-            results = pool.map(_job, inproc, chunksize=1) if pool else [_job(j) for j in inproc]
-            results += proc_results.result()
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
+    if args.from_runs:
+        results = json.loads(args.from_runs.read_text())["runs"]
+        first = results[0]["spec"]
+        args.seeds = len({r["spec"]["seed"] for r in results})
+        args.nodes, args.rounds, args.sizes = first["nodes"], first["rounds"], ",".join(first["sizes"])
+    else:
+        results = run_all(base, specs, args, work, log)
     rows = aggregate(results)
     summary = summarise(rows, args)
     plot_path = args.plot or work / "sapo.png"
@@ -477,6 +474,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_all(base: RunSpec, specs: list[RunSpec], args, work: Path, log) -> list[dict]:
+    """Warm every model once (node by node, in parallel, before runs would race to build the same
+    one), then the in-process runs (--jobs at a time) with the real-process swarms beside them."""
+    warm = [(replace(base, kind=kind, seed=seed, nodes=1, sizes=(base.size(k),)), k, str(work))
+            for seed in range(args.seeds) for kind in args.kinds.split(",") for k in range(args.nodes)]
+    log(f"bench sapo: warming up {len(warm)} models, then {len(specs)} runs ({args.nodes} nodes, "
+        f"{args.rounds} rounds) in {work}")
+    jobs = [(s, str(work)) for s in specs]
+    inproc = [j for j in jobs if j[0].path == "in-process"]
+    procs = [j for j in jobs if j[0].path == "processes"]
+    pool = mp.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else None
+    try:
+        list(pool.imap_unordered(_warm, warm)) if pool else [_warm(w) for w in warm]
+        with ThreadPoolExecutor(1) as side:  # real swarms one at a time, beside the in-process runs
+            proc_results = side.submit(lambda: [_job(j) for j in procs])
+            results = pool.map(_job, inproc, chunksize=1) if pool else [_job(j) for j in inproc]
+            return results + proc_results.result()
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+
+
 def summarise(rows: dict, args) -> dict:
     def cum(kind: str, label: str, path: str = "in-process") -> float | None:
         r = rows.get((path, kind, label))
@@ -487,7 +507,8 @@ def summarise(rows: dict, args) -> dict:
 
     out: dict = {"bench": "sapo"}
     for kind in ("homogeneous", "specialists"):
-        out[kind] = {lab: round(r["cum_reward"], 2) for (p, k, lab), r in rows.items() if k == kind and p == "in-process"}
+        out[kind] = {lab: round(r["cum_reward"], 2) for (p, k, lab), r in rows.items()
+                     if k == kind and p == "in-process"}
     ours = {lab: c for lab, c in out["specialists"].items() if lab.startswith("4/4 ")}
     best = max(ours, key=ours.get) if ours else None
     out["best_strategy"] = best
