@@ -21,7 +21,10 @@ that method's measured calls), then exploits its best posterior mean: the regret
 `end_to_end_speedup`: real node rounds (the tiny model, the node's default round, 1 thread)
 with --gen-method auto over those with hf-default, rounds interleaved in one process, the
 first of each not counted: median tokens/s ratio. Main fields pool all three split kinds (each setting counted once per kind);
-`splits` breaks them down. With --json the last stdout line is one JSON object.
+`splits` breaks them down. `noise_ceiling`: the same regret and top1 for the measurements
+against themselves (best by half of the calls, judged by the other half), i.e. how well any
+selector could do with measurements this noisy. With --json the last stdout line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -161,6 +164,28 @@ def aggregate(rows: dict[str, list[dict]], probes: Sequence[int]) -> dict:
     return res
 
 
+def noise_ceiling(settings: Sequence[Setting], guard: GuardPolicy) -> dict:
+    """How reproducible the oracle itself is: per setting, the best method by the median of the
+    odd-numbered calls, judged by the median of the even-numbered ones (methods with two calls
+    or more). A selector cannot beat this on top1/regret with the same measurements."""
+    regrets, tops = [], []
+    for s in settings:
+        halves = {m: (s.samples[m][0::2], s.samples[m][1::2]) for m in candidates(s, guard)
+                  if len(s.samples.get(m, [])) >= 2}
+        if len(halves) < 2:
+            continue
+        a = {m: float(np.median(h[0])) for m, h in halves.items()}
+        b = {m: float(np.median(h[1])) for m, h in halves.items()}
+        pick = max(b, key=b.get)
+        r = max(a.values()) / a[pick] - 1.0
+        regrets.append(r)
+        tops.append(float(r <= TIE + 1e-12))
+    if not regrets:
+        return {}
+    return {"median_regret": round(float(np.median(regrets)), 4), "mean_regret": round(float(np.mean(regrets)), 4),
+            "top1": round(float(np.mean(tops)), 4), "n": len(regrets)}
+
+
 # ------------------------------------------------------------------ end to end
 
 def end_to_end(history_path: Path, rounds: int, model: str = "tiny", warmup_steps: int = 20,
@@ -267,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in rs:
             picks[r["oracle_method"]] = picks.get(r["oracle_method"], 0) + 1
     result["oracle_methods"] = dict(sorted(picks.items(), key=lambda kv: -kv[1]))
+    result["noise_ceiling"] = noise_ceiling(settings, guard)
+    by_threads: dict[str, list[Setting]] = {}
+    for s in settings:
+        by_threads.setdefault(SPLITS["threads"](s), []).append(s)
+    result["noise_ceiling_by_threads"] = {k: noise_ceiling(v, guard) for k, v in sorted(by_threads.items())}
     if not args.quick:
         result["learners"] = {}
         for name, factory in _sklearn_factories().items():
