@@ -71,9 +71,10 @@ def _add_network_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--identity", help="ed25519 key file (default <data-dir>/identity.key; made on first start)")
     g.add_argument("--shared-groups", type=int, metavar="J",
                    help=f"groups from other peers in each training batch (default {d.shared_groups})")
-    g.add_argument("--sapo-strategy", choices=["paper", "need", "inject", "inject_need"],
+    g.add_argument("--sapo-strategy", choices=["paper", "need", "shaped", "inject", "inject_need"],
                    help="how shared groups are picked and used: paper (drop zero-advantage, uniform), need "
-                        "(prefer families we fail and the peer solves), inject (merge the peer's completions into "
+                        "(prefer families we fail and the peer solves), shaped (paper, shared tokens policy-shaped), "
+                        "inject (merge the peer's completions into "
                         f"our own group of the question), inject_need (both) (default {d.sapo_strategy})")
     g.add_argument("--shared-window", dest="shared_window_s", type=float, metavar="S",
                    help="use shared groups at most S seconds old (default 0: the store's max age)")

@@ -234,6 +234,8 @@ class Node:
                 add_merged_group(batch, p_ids, ([x.completion_ids for x in mine.samples],
                                                 [x.logprobs for x in mine.samples], mine.rewards),
                                  (c_ids, old_l, g.rewards), self.grpo)
+            elif self.strategy.shaped:  # a peer's group on its own, its tokens policy-shaped
+                add_merged_group(batch, p_ids, ([], [], []), (c_ids, old_l, g.rewards), self.grpo)
             else:
                 add_group(batch, [p_ids] * len(c_ids), c_ids, old_l, g.rewards, self.grpo)
         return batch

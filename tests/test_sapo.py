@@ -284,3 +284,20 @@ def test_bench_sapo_smoke_reports_every_field_and_writes_the_plot(tmp_path, caps
     assert row["path"] == "in-process" and row["completions_per_node"] > 0 and set(row["final_acc"]) == {
         "chain_sum", "basic_arithmetic", "spell_backward", "base_conversion"}
     assert (tmp_path / "sapo.png").stat().st_size > 1000 and r["plot"] == str(tmp_path / "sapo.png")
+
+
+def test_shaped_strategy_keeps_the_papers_sampler_and_shapes_every_shared_token(tmp_path, tiny_policy_dir):
+    from rollshare.config import NodeConfig
+    from rollshare.node import Node
+
+    s = Strategy("shaped")
+    assert s.shaped and not s.inject and s.selection == "uniform"
+    assert s.qualifies([1, 0]) and not s.qualifies([1, 1])  # the paper's zero-advantage filter
+    t = task(5)
+    g = SharedGroup(task=t, completions=[t.answer, "0", "1", t.answer], rewards=[1, 0, 0, 1], origin="p")
+    for name, off in (("paper", False), ("shaped", True)):
+        cfg = NodeConfig(data_dir=tmp_path / name, model=str(tiny_policy_dir), sapo_strategy=name, status="off")
+        with Node(cfg, show_progress=False) as node:
+            batch = node.build_batch([], [g])
+        assert batch.groups_used == 1 and [it.off_policy for it in batch.items] == [off] * 4
+        assert [round(it.advantage, 4) for it in batch.items] == [0.866, -0.866, -0.866, 0.866]

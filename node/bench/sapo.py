@@ -383,7 +383,7 @@ def plot(rows: dict, path: Path, title: str = "") -> None:
             ax.plot(xs, [s["acc"][f] for s in row["acc_curve"]], marker="o", ms=3, label=label)
         ax.set_title(f"specialists: {f} accuracy\n(nodes it is not the specialty of)", fontsize=9)
         ax.set_xlabel("round")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(bottom=-0.01)
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=5, help="per completion (the node's default 5)")
     ap.add_argument("--window-rounds", type=int, default=4, help="age limit of shared groups, in rounds")
     ap.add_argument("--offpolicy-shaping", type=float, default=0.1)
-    ap.add_argument("--strategies", default="inject,inject_need,need", help="our strategies, each run at 4/4")
+    ap.add_argument("--strategies", default="inject,inject_need,shaped,2/6:shaped",
+                    help="our strategies: NAME (run at 4/4) or I/J:NAME")
     ap.add_argument("--kinds", default="homogeneous,specialists")
     ap.add_argument("--configs", default="8/0,6/2,4/4,2/6,4/0", help="paper-sampler configurations I/J")
     ap.add_argument("--eval-every", type=int, default=0, help="accuracy snapshots (default: rounds/5)")
@@ -438,8 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                    offpolicy_shaping=args.offpolicy_shaping,
                    eval_every=args.eval_every or max(1, args.rounds // 5), eval_n=args.eval_n)
     configs = {lab: (i, j, "paper") for lab, i, j in PAPER_CONFIGS if lab in args.configs.split(",")}
-    for s in [x for x in args.strategies.split(",") if x]:
-        configs[f"4/4 {s}"] = (4, 4, s)
+    for s in [x for x in args.strategies.split(",") if x]:  # "NAME" (at 4/4) or "I/J:NAME"
+        ij, _, name = s.rpartition(":")
+        i, j = map(int, (ij or "4/4").split("/"))
+        configs[f"{i}/{j} {name}"] = (i, j, name)
     specs = [replace(base, kind=kind, label=lab, own=i, shared=j, strategy=st, seed=seed)
              for seed in range(args.seeds) for kind in args.kinds.split(",") for lab, (i, j, st) in configs.items()]
     for item in [x for x in args.process_rows.split(",") if x]:
