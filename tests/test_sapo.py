@@ -16,8 +16,7 @@ import torch
 from rollshare.grpo import GRPOConfig, TrainBatch, add_merged_group, clipped_surrogate
 from rollshare.node import SharedGroup
 from rollshare.proto import rollout_pb2 as pb
-from rollshare.sapo import (PAPER, FamilyRewards, Strategy, need_weight, pick_shared_groups,
-                            specialist_mix)
+from rollshare.sapo import PAPER, FamilyRewards, Strategy, need_weight, pick_shared_groups, specialist_mix
 from rollshare.store import RolloutStore
 from rollshare.tasks import TaskSpec, regenerate
 
@@ -180,7 +179,8 @@ def test_node_warms_up_on_warmup_tasks_not_the_training_mix(tmp_path):
     from rollshare.config import ConfigError, NodeConfig
     from rollshare.node import Node
 
-    base = dict(model="tiny-s", warmup_steps=2, tasks="chain_sum,spell_backward", status="off", network=False)
+    base = {"model": "tiny-s", "warmup_steps": 2, "tasks": "chain_sum,spell_backward", "status": "off",
+            "network": False}
     names = []
     for warm in ("", "spell_backward:9,chain_sum:1"):
         with Node(NodeConfig(data_dir=tmp_path / f"n{len(names)}", warmup_tasks=warm, **base),

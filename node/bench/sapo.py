@@ -37,12 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -160,10 +159,8 @@ class LoopbackExchange:
 
 def run_inprocess(spec: RunSpec, work: Path, log=None) -> dict:
     import torch
-
     from rollshare.node import Node, evaluate
     from rollshare.sharing import SwarmSharing
-
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
@@ -227,7 +224,6 @@ def _result(spec: RunSpec, rewards: list[list[float]], completions: list[int], a
 def run_processes(spec: RunSpec, work: Path, log=None, timeout_s: float = 3600) -> dict:
     """The same run through real `rollshare run` processes over libp2p + gRPC (LocalSwarm)."""
     import torch
-
     from rollshare.checkpoint import CheckpointManager
     from rollshare.node import evaluate
     from rollshare.policies import Policy
@@ -277,7 +273,6 @@ def run_processes(spec: RunSpec, work: Path, log=None, timeout_s: float = 3600) 
 def _warm(args: tuple) -> None:
     """Build node k's model of a (kind, seed) (one-node spec whose node 0 stands for node k)."""
     import torch
-
     from transformers.utils import logging as hf_logging
 
     spec, k, work = args
