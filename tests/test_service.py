@@ -180,9 +180,10 @@ def test_late_joiner_bootstrapped_by_grpc_address_catches_up_by_reconciliation(s
     wait_until(lambda: all(held(m) == swarm.published for m in swarm.members.values()), "b's groups everywhere")
     before = set(swarm.published)
     d = swarm.add("d", bootstrap=(a.grpc_endpoint,))  # host:port: peer id and multiaddrs come from Info
-    # those groups were announced before d existed: only reconciliation can bring them
+    # those groups were announced before d existed: reconciliation brings them (or, if d connects
+    # while the announcements are still in a neighbour's GossipSub history, IHAVE/IWANT may be first)
     wait_until(lambda: before <= held(d), "the late joiner to hold the earlier groups")
-    assert d.status()["reconciles"] >= 1
+    wait_until(lambda: d.status()["reconciles"] >= 1, "the late joiner to reconcile")
     swarm.publish(d, [100])
     wait_until(lambda: all(held(m) == swarm.published for m in swarm.members.values()),
                "the late joiner's group on every member")
