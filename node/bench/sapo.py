@@ -37,13 +37,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import signal
 import sys
+import threading
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
+
+#: set when the benchmark is interrupted: a real-process swarm in progress is stopped at once
+_STOP = threading.Event()
 
 FAMILIES = ["chain_sum", "basic_arithmetic", "spell_backward", "base_conversion"]
 PAPER_CONFIGS = [("8/0", 8, 0), ("6/2", 6, 2), ("4/4", 4, 4), ("2/6", 2, 6), ("4/0", 4, 0)]
@@ -245,6 +250,8 @@ def run_processes(spec: RunSpec, work: Path, log=None, timeout_s: float = 3600) 
     try:
         swarm.start(spec.nodes)
         while not swarm.all_exited:
+            if _STOP.is_set():
+                raise KeyboardInterrupt("bench sapo interrupted")
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"process swarm did not finish {spec.rounds} rounds in {timeout_s:g} s")
             time.sleep(1.0)
@@ -416,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write every run's full result here (JSON)")
     ap.add_argument("--from-runs", type=Path, help="summarise and plot the runs an earlier --out wrote (no training)")
     args = ap.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        def interrupted(*_):
+            raise KeyboardInterrupt("terminated")
+
+        signal.signal(signal.SIGTERM, interrupted)  # like Ctrl-C: node processes are stopped, not orphaned
     if args.quick:
         args.seeds, args.rounds, args.nodes, args.warmup_steps, args.eval_n = 1, 30, 2, 150, 40
         args.configs, args.strategies = "8/0,4/4,4/0", "inject_need"
@@ -487,9 +499,17 @@ def run_all(base: RunSpec, specs: list[RunSpec], args, work: Path, log) -> list[
     try:
         list(pool.imap_unordered(_warm, warm)) if pool else [_warm(w) for w in warm]
         with ThreadPoolExecutor(1) as side:  # real swarms one at a time, beside the in-process runs
-            proc_results = side.submit(lambda: [_job(j) for j in procs])
-            results = pool.map(_job, inproc, chunksize=1) if pool else [_job(j) for j in inproc]
-            return results + proc_results.result()
+            try:
+                proc_results = side.submit(lambda: [_job(j) for j in procs])
+                results = pool.map(_job, inproc, chunksize=1) if pool else [_job(j) for j in inproc]
+                return results + proc_results.result()
+            except BaseException:
+                _STOP.set()  # the side thread stops its swarm (and its node processes) before we leave
+                raise
+    except BaseException:
+        if pool:
+            pool.terminate()  # in-process runs are not waited for
+        raise
     finally:
         if pool:
             pool.close()
