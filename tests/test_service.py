@@ -289,7 +289,10 @@ def test_stop_returns_promptly_and_leaves_no_threads(swarm):
         return [t.name for t in threading.enumerate()
                 if t.ident not in swarm.threads_before and not t.name.startswith("Trio thread")]
 
-    wait_until(lambda: not left(), "every thread of the stopped services to end", timeout=5)
+    try:
+        wait_until(lambda: not left(), "every thread of the stopped services to end", timeout=5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {left()}") from None
 
 
 # ------------------------------------------------------------------------- SwarmSharing
