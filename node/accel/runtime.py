@@ -6,7 +6,7 @@ this workload, model and machine, refined by the node's own measured rounds), ti
 and reports the tokens/s back. A method that raises is recorded as a failure, dropped for the
 rest of the run, and the round is generated again with the safe default, so a round never fails
 because of the selector. Measurements go to the history (explorations and failures always, the
-chosen method every `record_every` rounds), so the next start learns from them.
+chosen method at most once per `record_every_s`), so the next start learns from them.
 
 It never touches the network, the store or the optimiser.
 """
@@ -44,14 +44,15 @@ def cached_hardware(device: str) -> dict:
 class GenerationPicker:
     def __init__(self, policy: Policy, method: str = "auto", history: History | None = None,
                  guard: GuardPolicy | None = None, horizon_rounds: int = 0, seed: int = 0,
-                 ctx: MethodContext | None = None, record_every: int = 25,
+                 ctx: MethodContext | None = None, record_every_s: float = 60.0,
                  log: Callable[[str], None] | None = None, probe_prompts: Sequence[str] = ()):
         self.policy = policy
         self.log = log or (lambda m: None)
         self.history = history
         self.ctx = ctx or MethodContext(device=policy.device.type)
         self.guard = guard or GuardPolicy()
-        self.record_every = record_every
+        self.record_every_s = record_every_s
+        self._last_record = -float("inf")
         self.mode = method
         self.last_method = ""
         self.last_explore = False
@@ -113,7 +114,9 @@ class GenerationPicker:
         tokens = sum(len(s.completion_ids) for g in groups for s in g)
         tps = tokens / max(dt, 1e-9)
         self.selector.observe(feats, method, tps)
-        if exploring or self.rounds % self.record_every == 1:
+        # explorations always; the chosen method's rounds at most once a minute (the file stays small)
+        if exploring or self.rounds == 1 or time.monotonic() - self._last_record >= self.record_every_s:
+            self._last_record = time.monotonic()
             self._record(method, "ok", feats, tokens_per_s=tps, latency_s=dt, tokens=tokens, times=[round(dt, 6)],
                          explore=exploring)
         self.last_method, self.last_explore = method, exploring
