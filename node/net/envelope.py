@@ -32,7 +32,6 @@ import hashlib
 import math
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -43,14 +42,13 @@ from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
 from rollshare.store import (RolloutStore, SerializedGroup, Transaction, chunked, content_id,
                              placeholders)
+from rollshare.store import now_ms as _now_ms  # verify_envelope's parameter now_ms shadows the name
 from rollshare.tasks import TaskError, TaskSpec, regenerate
 
 #: Domain separation: an envelope signature can never be mistaken for any other signed thing.
 SIGNING_DOMAIN = b"rollshare/envelope/v1\n"
 CID_BYTES = 32
 _ED25519_SIGNATURE_BYTES = 64
-#: libp2p protobuf encoding of an ed25519 public key: key_type=1 (field 1), 32-byte data (field 2)
-_ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
 
 # Rejection reasons, in the order verify_envelope checks them.
 OVERSIZED = "oversized"
@@ -152,18 +150,6 @@ def envelope_id(envelope: wire.SignedEnvelope) -> bytes:
     return hashlib.sha256(envelope.header).digest()
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _is_ed25519_public_key(data: bytes) -> bool:
-    """Envelopes are signed with ed25519 only, in the canonical libp2p encoding (36 bytes).
-
-    Checked on the raw bytes before anything parses them: no RSA keys of attacker-chosen size.
-    """
-    return len(data) == len(_ED25519_KEY_PREFIX) + 32 and data.startswith(_ED25519_KEY_PREFIX)
-
-
 # --------------------------------------------------------------------------------- signing
 
 def make_envelope(keypair: KeyPair, groups: Sequence[pb.RolloutGroup], policy_id: str, round: int,
@@ -181,7 +167,7 @@ def seal(items: Sequence[SerializedGroup], keypair: KeyPair, policy_id: str, rou
     What a node publishing its own groups records (`EnvelopeIndex.put_own`); add groups to send it.
     """
     public_key = keypair.public_key.serialize()
-    if not _is_ed25519_public_key(public_key):
+    if not identity.is_ed25519_public_key(public_key):
         raise ValueError("envelopes are signed with ed25519 keys; load the node identity with "
                          "rollshare.net.identity.load_or_create_identity")
     if not items:
@@ -244,7 +230,7 @@ def verify_envelope(envelope: bytes | wire.SignedEnvelope, limits: EnvelopeLimit
     _check_header(header, limits)
 
     # 4. public key
-    if not _is_ed25519_public_key(env.public_key):
+    if not identity.is_ed25519_public_key(env.public_key):
         raise Rejected(BAD_PUBLIC_KEY, f"not a libp2p ed25519 public key ({len(env.public_key)} bytes)")
     try:
         derived = identity.peer_id_from_public_key(env.public_key)

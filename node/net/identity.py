@@ -141,6 +141,18 @@ def verify_signature(public_key_bytes: bytes, data: bytes, sig: bytes) -> bool:
         return False
 
 
+#: libp2p protobuf encoding of an ed25519 public key: key_type=1 (field 1), 32-byte data (field 2)
+_ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
+
+
+def is_ed25519_public_key(data: bytes) -> bool:
+    """Whether `data` is an ed25519 public key in the canonical libp2p encoding (36 bytes).
+
+    Checked on the raw bytes before anything parses them: no RSA keys of attacker-chosen size.
+    """
+    return len(data) == len(_ED25519_KEY_PREFIX) + 32 and data.startswith(_ED25519_KEY_PREFIX)
+
+
 def peer_id_from_public_key(public_key_bytes: bytes) -> str:
     """The base58 peer id of a protobuf-encoded public key; ValueError if malformed."""
     try:

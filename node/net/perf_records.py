@@ -22,7 +22,9 @@ NetworkService subscribes it and hands it bytes.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import hashlib
 import json
 import math
 import re
@@ -31,14 +33,14 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from rollshare.accel.history import SCHEMA, History, HistoryError, validate_record
+from rollshare.accel.history import SCHEMA, History, HistoryError, setting_key, validate_record
 from rollshare.net import identity
 from rollshare.net.identity import KeyPair
 from rollshare.proto import perf_pb2 as pp
+from rollshare.store import now_ms as _now_ms  # the parameter now_ms shadows the name
 
 PERF_TOPIC = "rollshare/perf/1"
 SIGNING_DOMAIN = b"rollshare/perf/v1\n"
-_ED25519_KEY_PREFIX = b"\x08\x01\x12\x20"
 _METHOD_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Rejection reasons, in the order verify_perf_batch checks them.
@@ -76,10 +78,6 @@ class PerfLimits:
     quota_records: float = 256.0  # per peer: bucket size ...
     quota_refill_per_s: float = 256.0 / 600.0  # ... refilled over ten minutes
     max_peers_tracked: int = 4096
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def record_to_pb(r: dict) -> pp.PerfRecord:
@@ -154,7 +152,7 @@ def verify_perf_batch(data: bytes, sender: str | None, limits: PerfLimits = Perf
     except Exception as e:  # DecodeError, or anything else the parser throws at garbage
         raise PerfRejected(MALFORMED, type(e).__name__) from None
     key = signed.public_key
-    if not (len(key) == len(_ED25519_KEY_PREFIX) + 32 and key.startswith(_ED25519_KEY_PREFIX)):
+    if not identity.is_ed25519_public_key(key):
         raise PerfRejected(BAD_PUBLIC_KEY, "ed25519 keys only")
     try:
         origin = identity.peer_id_from_public_key(key)
@@ -175,8 +173,6 @@ def verify_perf_batch(data: bytes, sender: str | None, limits: PerfLimits = Perf
         raise PerfRejected(FUTURE)
     for r in records:
         r["source"] = f"peer:{origin}"
-        from rollshare.accel.history import setting_key
-
         r["setting"] = setting_key(r["features"])
     return batch, records
 
@@ -241,8 +237,6 @@ class PerfExchange:
 
     async def run(self, gossip: Callable[[str, bytes], Awaitable[None]], sleep=None) -> None:
         """Gossip queued records at most once per interval_s; owned and cancelled by the service."""
-        import asyncio
-
         sleep = sleep or asyncio.sleep
         while True:
             await sleep(self.interval_s)
@@ -269,8 +263,6 @@ class PerfExchange:
         self._last_seq.move_to_end(batch.origin)
         while len(self._last_seq) > self.limits.max_peers_tracked:
             self._last_seq.popitem(last=False)
-        import hashlib
-
         self._accepted[hashlib.sha256(data).digest()] = records
         while len(self._accepted) > 64:
             self._accepted.popitem(last=False)
@@ -278,8 +270,6 @@ class PerfExchange:
 
     def on_message(self, sender: str, data: bytes) -> None:
         """Handler for accepted messages: append their records to the history."""
-        import hashlib
-
         records = self._accepted.pop(hashlib.sha256(data).digest(), None)
         if records is None:  # not validated by us (should not happen): check it now
             if self.validate(sender, data) is not None:
