@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 
 import pytest
 
@@ -14,11 +13,7 @@ from rollshare.net import reconcile as R
 from rollshare.net.identity import keygen, peer_id_of
 from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
-from rollshare.store import RolloutStore, StoreLimits, content_id
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+from rollshare.store import RolloutStore, StoreLimits, content_id, now_ms
 
 
 @pytest.fixture(scope="module")

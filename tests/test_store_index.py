@@ -5,7 +5,6 @@ groups offered only as far as a peer's quota keeps them."""
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -15,11 +14,7 @@ from rollshare.net.identity import keygen, peer_id_of
 from rollshare.net.service import _merge_announcements, _SeqCounter
 from rollshare.proto import rollout_pb2 as pb
 from rollshare.proto import wire_pb2 as wire
-from rollshare.store import RolloutStore, SerializedGroup, StoreLimits, content_id
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+from rollshare.store import RolloutStore, SerializedGroup, StoreLimits, content_id, now_ms
 
 
 @pytest.fixture(scope="module")
