@@ -157,19 +157,8 @@ class Policy:
         prompt_ids = self.encode(prompts)
         rows = [ids for ids in prompt_ids for _ in range(group_size)]
         input_ids, attn = self._left_pad(rows)
-        gen_kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        if greedy:
-            gen_kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        else:
-            # top_k=0 / top_p=1: sample from softmax(logits / T) exactly, so the behaviour
-            # log-probs below are the ones the samples were really drawn from.
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        gen_kwargs = self.sampling_kwargs(max_new_tokens, temperature, greedy)
+        gen_kwargs.update(return_dict_in_generate=True, output_logits=True)
         gen_kwargs.update(generate_kwargs or {})
         if share_prompt_prefill and group_size > 1 and input_ids.shape[1] > 1 and self._one_row_per_sequence(gen_kwargs):
             # rows are G copies of each prompt: cache all but its last token once, repeat it G times
@@ -190,6 +179,17 @@ class Policy:
             members = range(p * group_size, (p + 1) * group_size)
             groups.append([Sample(prompt, prompt_ids[p], new_l[r], logp_l[r], texts[r]) for r in members])
         return groups
+
+    def sampling_kwargs(self, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False) -> dict:
+        """`model.generate` arguments that decode exactly as this policy scores: argmax, or
+        top_k=0 / top_p=1 sampling from softmax(logits / T), so the behaviour log-probs computed
+        afterwards are the ones the samples were really drawn from."""
+        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        if greedy:
+            kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        else:
+            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        return kw
 
     def _one_row_per_sequence(self, gen_kwargs: dict) -> bool:
         """Whether generate would decode each input row as one sequence through a plain dynamic

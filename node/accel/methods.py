@@ -104,15 +104,6 @@ def _groups_from_rows(policy: Policy, prompts: Sequence[str], prompt_ids: list[l
     return out
 
 
-def _sampling_kwargs(policy: Policy, max_new_tokens: int, temperature: float, greedy: bool) -> dict:
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=policy.pad_id, eos_token_id=policy.eos_id)
-    if greedy:
-        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-    else:
-        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    return kw
-
-
 # ------------------------------------------------------------------ methods
 
 def _policy(share: bool = True, chunk_prompts: int = 0):
@@ -159,7 +150,7 @@ def _one_by_one(kind: str):
     """Speculative decoding (prompt lookup or a draft model) is batch 1 in transformers: row by row."""
 
     def gen(policy, ctx, prompts, G, max_new, T, greedy, extra):
-        kw = _sampling_kwargs(policy, max_new, T, greedy)
+        kw = policy.sampling_kwargs(max_new, T, greedy)
         kw.update(extra or {})
         kw["disable_compile"] = True
         if kind == "prompt-lookup":

@@ -36,6 +36,7 @@ import torch
 from rollshare.accel.features import hardware_features, model_features, workload_features
 from rollshare.accel.history import History, make_record
 from rollshare.accel.methods import REGISTRY, MethodContext, run_method
+from rollshare.accel.runtime import history_path
 
 MIX = {"chain_sum": 1.0}
 
@@ -65,9 +66,10 @@ THREADS = (1, 2)
 
 
 def default_history_path(data_dir: str | os.PathLike | None = None) -> Path:
+    """The history a node with this data directory (default: the user's) reads and writes."""
     from rollshare.config import default_data_dir
 
-    return Path(data_dir or default_data_dir()).expanduser() / "accel" / "history.jsonl"
+    return history_path(Path(data_dir or default_data_dir()))
 
 
 class PeakMemory:
